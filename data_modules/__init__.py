@@ -1,0 +1,6 @@
+"""Lightning data modules, installed as `soma_lightning.data_modules`."""
+
+from soma_lightning.data_modules.byte_corpus import ByteCorpus
+from soma_lightning.data_modules.contract import EOS, PAD, tokenize
+
+__all__ = ["ByteCorpus", "tokenize", "PAD", "EOS"]

@@ -1,0 +1,186 @@
+"""ByteCorpus: train on random byte windows, validate and test on the SOMA V1 data contract."""
+
+import glob
+import itertools
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from soma_lightning.data_modules.contract import EOS, PAD, tokenize
+from soma_lightning.errors import UserError
+
+EMBEDDED = "tinyshakespeare"
+
+
+class DataError(UserError):
+    pass
+
+
+def _files(source: str, key: str) -> list[Path]:
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"{key}: directory {source!r} holds no files")
+        return files
+    files = sorted(Path(f) for f in glob.glob(source, recursive=True) if Path(f).is_file())
+    if not files:
+        raise DataError(f"{key}: {source!r} is no file or directory and matches no file as a glob")
+    return files
+
+
+def read_stream(source: str, key: str, hf_format: str | None = None, text_column: str = "text") -> np.ndarray:
+    """All documents of `source` as one uint16 token stream, documents joined by EOS. A document is a file's
+    bytes, or with `hf_format` one row's `text_column` (utf-8) of a local HF `datasets` source."""
+    files = _files(source, key)
+    if hf_format is None:
+        docs = [f.read_bytes() for f in files]
+    else:
+        import datasets
+
+        kwargs = {"sample_by": "document"} if hf_format == "text" else {}
+        try:
+            ds = datasets.load_dataset(hf_format, data_files=[str(f) for f in files], split="train", **kwargs)
+        except Exception as e:
+            raise DataError(f"{key}: cannot load {source!r} as {hf_format} ({type(e).__name__}: {e})") from None
+        if text_column not in ds.column_names:
+            raise DataError(f"{key}: {source!r} has no column {text_column!r}; columns: {', '.join(ds.column_names)}")
+        docs = [str(row).encode() for row in ds[text_column]]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"{key}: {source!r} holds no data (every document is empty)")
+    parts = []
+    for i, doc in enumerate(docs):
+        if i:
+            parts.append(np.array([EOS], dtype=np.uint16))
+        parts.append(np.frombuffer(doc, dtype=np.uint8).astype(np.uint16))
+    return np.concatenate(parts)
+
+
+class RandomWindows(IterableDataset):
+    """An endless stream of training batches. Global batch b is a deterministic function of (seed, b):
+    world_size * batch_size windows at offsets drawn from numpy's generator seeded with [seed, b]; this rank
+    takes its slice. Each row is laid out as the contract lays out a full chunk: targets shifted left with
+    PAD appended, positions the global offsets. Iteration starts at `start_batch` (the data position)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.stream = torch.from_numpy(stream.astype(np.int64))
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+
+    def batch(self, b: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, b])
+        starts = rng.integers(0, len(self.stream) - self.seq_len + 1, size=self.world_size * self.batch_size)
+        mine = torch.from_numpy(starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+        positions = mine.unsqueeze(1) + torch.arange(self.seq_len)
+        tokens = self.stream[positions]
+        targets = torch.cat([tokens[:, 1:], torch.full((len(tokens), 1), PAD)], dim=1)
+        return {"tokens": tokens, "targets": targets, "positions": positions}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for b in itertools.count(self.start_batch + worker, workers):
+            yield self.batch(b)
+
+
+class ContractChunks(torch.utils.data.Dataset):
+    """A token stream cut into the contract's rows (tokenize), one row per item."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
+        self.rows = tokenize(torch.from_numpy(stream.astype(np.int64)), seq_len)
+
+    def __len__(self) -> int:
+        return len(self.rows["tokens"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.rows.items()}
+
+
+class ByteCorpus(L.LightningDataModule):
+    """Bytes from a file, a directory, a glob, or a local HF dataset (`hf_format` text/json/parquet with a
+    `text_column`); by default the tiny-Shakespeare text shipped in the package.
+
+    Train/val: separate sources (`val_source`), or the last `val_fraction` of the source's token stream (the
+    split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`; validation and test cut
+    their stream into the V1 contract's non-overlapping chunks of `val_seq_len`, batches of `val_batch_size`.
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        val_source: str | None = None,
+        test_source: str | None = None,
+        val_fraction: float = 0.1,
+        hf_format: Literal["text", "json", "parquet"] | None = None,
+        text_column: str = "text",
+        seq_len: int = 1024,
+        batch_size: int = 16,
+        val_seq_len: int = 1024,
+        val_batch_size: int = 16,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_seq_len", val_seq_len), ("val_batch_size", val_batch_size)):
+            if value <= 0:
+                raise DataError(f"data.{key}: must be positive, got {value}")
+        if val_source is None and not 0.0 < val_fraction < 1.0:
+            raise DataError(f"data.val_fraction: must be in (0, 1) when no val_source is given, got {val_fraction}")
+        for key, value in (("source", source), ("val_source", val_source), ("test_source", test_source)):
+            if value is not None:
+                _files(value, f"data.{key}")
+        self.source, self.val_source, self.test_source = source, val_source, test_source
+        self.val_fraction, self.hf_format, self.text_column = val_fraction, hf_format, text_column
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_seq_len, self.val_batch_size = val_seq_len, val_batch_size
+        self.seed, self.num_workers = seed, num_workers
+        self.train_stream: np.ndarray | None = None
+
+    def _read(self, source: str, key: str) -> np.ndarray:
+        return read_stream(source, key, self.hf_format, self.text_column)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is not None:
+            return
+        if self.source is None:
+            with resources.as_file(resources.files("soma_lightning") / "corpora" / f"{EMBEDDED}.txt") as path:
+                stream = read_stream(str(path), "data.source")
+        else:
+            stream = self._read(self.source, "data.source")
+        if self.val_source is not None:
+            self.train_stream, self.val_stream = stream, self._read(self.val_source, "data.val_source")
+        else:
+            cut = int(len(stream) * (1 - self.val_fraction))
+            self.train_stream, self.val_stream = stream[:cut], stream[cut:]  # val is never empty: cut < len
+        self.test_stream = self._read(self.test_source, "data.test_source") if self.test_source else self.val_stream
+        if len(self.train_stream) < self.seq_len:
+            raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, fewer than seq_len {self.seq_len}")
+
+    def train_dataloader(self) -> DataLoader:
+        """Starts at the data position: after resuming at step N, the batch an uninterrupted run would draw next."""
+        start, rank, world = 0, 0, 1
+        if self.trainer is not None:
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        windows = RandomWindows(self.train_stream, self.seq_len, self.batch_size, self.seed, start, rank, world)
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
+
+    def _chunks(self, stream: np.ndarray) -> DataLoader:
+        return DataLoader(ContractChunks(stream, self.val_seq_len), batch_size=self.val_batch_size, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._chunks(self.val_stream)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._chunks(self.test_stream)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._chunks(self.test_stream)

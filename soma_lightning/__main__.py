@@ -1,0 +1,3 @@
+from soma_lightning.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""The one model skeleton every architecture shares: embedding -> encoder.layers -> final_norm -> predictor.
+
+The module names are SOMA V1's canonical names, so a V1 state dict maps 1:1 onto the reference's.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from soma_lightning.nn.context import SequenceContext
+
+
+@dataclass
+class Sublayer:
+    """One residual branch of a block: x + drop(module(norm(x)))."""
+
+    name: str  # attribute name of the module inside its block
+    module: nn.Module
+    norm: nn.Module | None = None
+
+
+class Block(nn.Module):
+    """Residual sublayers run in order; the norm of the k-th sublayer (1-based) is named `norm_k`."""
+
+    def __init__(self, sublayers: list[Sublayer], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.order: list[tuple[str | None, str]] = []
+        for k, sub in enumerate(sublayers, start=1):
+            norm_name = None
+            if sub.norm is not None:
+                norm_name = f"norm_{k}"
+                self.add_module(norm_name, sub.norm)
+            self.add_module(sub.name, sub.module)
+            self.order.append((norm_name, sub.name))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        for norm_name, name in self.order:
+            h = x if norm_name is None else self.get_submodule(norm_name)(x)
+            x = x + self.drop(self.get_submodule(name)(h, ctx))
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: list[Block]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return x
+
+
+class SomaModel(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int, layers: list[Block], final_norm: nn.Module, predictor_bias: bool = True) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.encoder = Encoder(layers)
+        self.final_norm = final_norm
+        self.predictor = nn.Linear(d_model, vocab_size, bias=predictor_bias)
+
+    def encode(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Token ids [B, T] (and integer positions [B, T], default 0..T-1) -> representations [B, T, D]."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embedding(tokens)
+        return self.final_norm(self.encoder(x, SequenceContext(positions=positions)))
+
+    def predict(self, representations: Tensor) -> Tensor:
+        return self.predictor(representations)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab]."""
+        return self.predict(self.encode(tokens, positions))

@@ -1,0 +1,319 @@
+"""The declarative model spec and the one place that turns it into an nn.Module.
+
+A spec names its components by a short registered name (`type: mha`) or by `class_path` for a user's own
+module. Every component is a factory `f(d_model, **args)`; mixers and FFNs are modules called as
+`module(x, ctx)` with `ctx` a `SequenceContext`. The spec is checked, and the model built once on the meta
+device, before any weight is allocated; every error names the YAML key path.
+"""
+
+import importlib
+import inspect
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Callable, Literal, Union
+
+import torch
+import yaml
+
+from soma_lightning.errors import UserError
+from soma_lightning.nn.attention import MultiHeadAttention
+from soma_lightning.nn.ffn import GeluMLP
+from soma_lightning.nn.model import Block, SomaModel, Sublayer
+from soma_lightning.nn.norm import layernorm, rmsnorm
+
+REGISTRY: dict[str, dict[str, Callable[..., torch.nn.Module]]] = {
+    "mixer": {"mha": MultiHeadAttention},
+    "ffn": {"gelu_mlp": GeluMLP},
+    "norm": {"layernorm": layernorm, "rmsnorm": rmsnorm},
+}
+
+# Arguments a component receives from the model level unless its own spec sets them.
+INHERITED = ("d_model", "dropout")
+
+
+class SpecError(UserError, ValueError):
+    """A spec mistake; the message starts with the YAML key path."""
+
+
+def register(kind: Literal["mixer", "ffn", "norm"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
+    """Make `factory` available to specs as `{kind}: {type: name, ...}`."""
+    REGISTRY[kind][name] = factory
+
+
+@dataclass
+class ModelSpec:
+    """The architecture: `blocks` maps a block name to its residual sublayers, run in order; layer i uses
+    block `pattern[i % len(pattern)]` (default: the blocks in the order written). A sublayer is
+    `{norm: <norm or null>, mixer|ffn: <component>, name: <module name, optional>}`; a component is a
+    registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`."""
+
+    d_model: int
+    n_layers: int
+    blocks: dict[str, list[dict[str, Any]]]
+    pattern: list[str] | None = None
+    vocab_size: int = 264
+    max_seq_len: int = 1024
+    dropout: float = 0.0
+    final_norm: str | dict[str, Any] = "layernorm"
+    predictor_bias: bool = True
+
+
+# ---------------------------------------------------------------- type checks with readable errors
+
+
+def _describe(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(ann))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(ann))
+    return getattr(ann, "__name__", str(ann))
+
+
+def _type_ok(value: Any, ann: Any) -> bool:
+    origin = typing.get_origin(ann)
+    if ann is Any or ann is inspect.Parameter.empty:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(ann))
+    if origin is Literal:
+        return value in typing.get_args(ann)
+    if ann is type(None):
+        return value is None
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(ann)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(ann, type):
+        return isinstance(value, ann)
+    return True
+
+
+def _check_value(path: str, value: Any, ann: Any) -> None:
+    if not _type_ok(value, ann):
+        raise SpecError(f"{path}: expected {_describe(ann)}, got {value!r}")
+
+
+# ---------------------------------------------------------------- components
+
+
+def _import(class_path: str, path: str) -> Callable[..., torch.nn.Module]:
+    module_name, _, attr = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise SpecError(f"{path}.class_path: cannot import {class_path!r} ({e})") from None
+
+
+def _parameters(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:
+        hints = {}
+    params = {
+        n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    return params, hints, takes_any
+
+
+@dataclass
+class _Component:
+    path: str
+    factory: Callable[..., torch.nn.Module]
+    args: dict[str, Any]
+
+    def build(self) -> torch.nn.Module:
+        try:
+            return self.factory(**self.args)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            arg = msg.split(":", 1)[0]
+            raise SpecError(f"{self.path}.{msg}" if arg in self.args else f"{self.path}: {msg}") from None
+
+
+def _component(kind: str, raw: Any, path: str, inherited: dict[str, Any]) -> _Component:
+    table = REGISTRY[kind]
+    choices = ", ".join(sorted(table))
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a {kind} name ({choices}) or a mapping with 'type' or 'class_path', got {raw!r}")
+    if "class_path" in raw:
+        extra = set(raw) - {"class_path", "init_args"}
+        if extra:
+            raise SpecError(f"{path}.{sorted(extra)[0]}: unknown key beside class_path; put arguments under init_args")
+        factory = _import(raw["class_path"], path)
+        args, args_path, label = dict(raw.get("init_args") or {}), f"{path}.init_args", raw["class_path"]
+    elif "type" in raw:
+        name = raw["type"]
+        if name not in table:
+            raise SpecError(f"{path}.type: unknown {kind} {name!r}; valid: {choices} (or class_path: pkg.YourModule)")
+        factory = table[name]
+        args, args_path, label = {k: v for k, v in raw.items() if k != "type"}, path, name
+    else:
+        raise SpecError(f"{path}: missing key 'type' (a {kind}: {choices}) or 'class_path'")
+
+    params, hints, takes_any = _parameters(factory)
+    for key, value in args.items():
+        if key in INHERITED:
+            raise SpecError(f"{args_path}.{key}: set at the model level (model.arch.{key}), not per component")
+        if key not in params and not takes_any:
+            valid = ", ".join(n for n in params if n not in INHERITED) or "none"
+            raise SpecError(f"{args_path}.{key}: unknown argument of {kind} {label!r}; valid: {valid}")
+        if key in params:
+            _check_value(f"{args_path}.{key}", value, hints.get(key, params[key].annotation))
+    for key, value in inherited.items():
+        if key in params:
+            args[key] = value
+    for key, p in params.items():
+        if key not in args and p.default is inspect.Parameter.empty:
+            raise SpecError(f"{args_path}.{key}: missing required argument of {kind} {label!r}")
+    return _Component(args_path if "class_path" in raw else path, factory, args)
+
+
+# ---------------------------------------------------------------- the spec as a whole
+
+
+def _check_fields(spec: ModelSpec, path: str) -> None:
+    hints = typing.get_type_hints(ModelSpec)
+    for f in fields(ModelSpec):
+        _check_value(f"{path}.{f.name}", getattr(spec, f.name), hints[f.name])
+    for key in ("d_model", "n_layers", "vocab_size", "max_seq_len"):
+        if getattr(spec, key) <= 0:
+            raise SpecError(f"{path}.{key}: must be positive, got {getattr(spec, key)}")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise SpecError(f"{path}.dropout: must be in [0, 1), got {spec.dropout}")
+
+
+def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:
+    """A ModelSpec from a plain mapping (as read from YAML), with errors naming the key path."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of the model spec, got {raw!r}")
+    names = [f.name for f in fields(ModelSpec)]
+    for key in raw:
+        if key not in names:
+            raise SpecError(f"{path}.{key}: unknown key; valid keys: {', '.join(names)}")
+    for f in fields(ModelSpec):
+        if f.default is MISSING and f.name not in raw:
+            raise SpecError(f"{path}.{f.name}: missing required key")
+    spec = ModelSpec(**raw)
+    _check_fields(spec, path)
+    return spec
+
+
+def _plan(spec: ModelSpec, path: str) -> tuple[list[list[tuple[str, _Component | None, _Component]]], _Component]:
+    """Resolve every component of every layer; raises SpecError before anything is built."""
+    _check_fields(spec, path)
+    if not spec.blocks:
+        raise SpecError(f"{path}.blocks: needs at least one block")
+    pattern = spec.pattern if spec.pattern is not None else list(spec.blocks)
+    if not pattern:
+        raise SpecError(f"{path}.pattern: must name at least one block")
+    for i, name in enumerate(pattern):
+        if name not in spec.blocks:
+            raise SpecError(f"{path}.pattern[{i}]: unknown block {name!r}; valid: {', '.join(spec.blocks)}")
+    inherited = {"d_model": spec.d_model, "dropout": spec.dropout}
+    blocks = {}
+    for block_name, sublayers in spec.blocks.items():
+        bpath = f"{path}.blocks.{block_name}"
+        if not isinstance(sublayers, list) or not sublayers:
+            raise SpecError(f"{bpath}: expected a non-empty list of sublayers, got {sublayers!r}")
+        resolved, seen = [], set()
+        for k, entry in enumerate(sublayers):
+            spath = f"{bpath}[{k}]"
+            if not isinstance(entry, dict):
+                raise SpecError(f"{spath}: expected a mapping with 'norm' and 'mixer' or 'ffn', got {entry!r}")
+            for key in entry:
+                if key not in ("norm", "mixer", "ffn", "name"):
+                    raise SpecError(f"{spath}.{key}: unknown key; valid keys: norm, mixer, ffn, name")
+            kinds = [key for key in ("mixer", "ffn") if key in entry]
+            if len(kinds) != 1:
+                raise SpecError(f"{spath}: needs exactly one of 'mixer' or 'ffn', got {kinds or 'neither'}")
+            if "norm" not in entry:
+                raise SpecError(f"{spath}.norm: missing key (a norm: {', '.join(sorted(REGISTRY['norm']))}, or null)")
+            kind = kinds[0]
+            comp = _component(kind, entry[kind], f"{spath}.{kind}", inherited)
+            norm = None if entry["norm"] is None else _component("norm", entry["norm"], f"{spath}.norm", inherited)
+            name = entry.get("name") or getattr(comp.factory, "default_name", kind)
+            if not isinstance(name, str) or not name.isidentifier() or name == "drop" or name.startswith("norm_"):
+                raise SpecError(f"{spath}.name: {name!r} is not a valid module name")
+            if name in seen:
+                raise SpecError(f"{spath}.name: {name!r} is used twice in block {block_name!r}; give each a distinct name")
+            seen.add(name)
+            resolved.append((name, norm, comp))
+        blocks[block_name] = resolved
+    layers = [blocks[pattern[i % len(pattern)]] for i in range(spec.n_layers)]
+    return layers, _component("norm", spec.final_norm, f"{path}.final_norm", inherited)
+
+
+def _assemble(spec: ModelSpec, layers: list, final_norm: _Component) -> SomaModel:
+    blocks = [
+        Block([Sublayer(name, comp.build(), norm.build() if norm else None) for name, norm, comp in layer], spec.dropout)
+        for layer in layers
+    ]
+    return SomaModel(spec.vocab_size, spec.d_model, blocks, final_norm.build(), spec.predictor_bias)
+
+
+def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None, path: str = "model.arch") -> SomaModel:
+    """Build the model a spec describes. It is validated and built on the meta device first, so a bad spec
+    fails before any weight is allocated; `device="meta"` returns that weightless model."""
+    if isinstance(spec, dict):
+        spec = spec_from_dict(spec, path)
+    layers, final_norm = _plan(spec, path)
+    with torch.device("meta"):
+        model = _assemble(spec, layers, final_norm)
+    if torch.device(device or "cpu").type == "meta":
+        return model
+    with torch.device(device or "cpu"):
+        return _assemble(spec, layers, final_norm)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `1e-5` is a float, not the string PyYAML's YAML 1.1 rules make it."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_SpecLoader)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_spec(path: str) -> ModelSpec:
+    """The model spec (`model.arch`) of a YAML config file."""
+    raw = read_yaml(path)
+    arch = raw.get("model", {}).get("arch") if isinstance(raw, dict) and isinstance(raw.get("model"), dict) else None
+    if arch is None:
+        raise SpecError(f"{path}: model.arch: missing key (the model spec)")
+    try:
+        spec = spec_from_dict(arch, "model.arch")
+        _plan(spec, "model.arch")
+        return spec
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from soma_lightning.data_modules import EOS, PAD, ByteCorpus
+from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows
+
+
+def _text(tmp_path, name="a.txt", text="hello world, " * 200):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_embedded_default_is_tiny_shakespeare_split_90_10():
+    dm = ByteCorpus()
+    dm.setup("fit")
+    assert len(dm.train_stream) == 1_003_854 and len(dm.val_stream) == 111_540
+    assert bytes(dm.train_stream[:9].astype(np.uint8)) == b"First Cit"
+
+
+def test_validation_batches_follow_the_contract(tmp_path):
+    dm = ByteCorpus(source=str(_text(tmp_path, text="x" * 5000)), val_fraction=0.5)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    assert [len(b["tokens"]) for b in batches] == [3]  # 2500 bytes -> 3 chunks of 1024
+    last = batches[0]
+    assert last["tokens"][2, 2500 - 2048] == EOS and last["positions"][2, -1] == 2500
+
+
+def test_training_windows_are_deterministic_and_resumable(tmp_path):
+    stream = np.arange(1000, dtype=np.uint16) % 256
+    a = RandomWindows(stream, seq_len=16, batch_size=4, seed=3)
+    batches = [b for _, b in zip(range(5), a)]
+    resumed = RandomWindows(stream, seq_len=16, batch_size=4, seed=3, start_batch=3)
+    assert torch.equal(next(iter(resumed))["tokens"], batches[3]["tokens"])
+    b = batches[0]
+    assert torch.equal(b["targets"][:, :-1], b["tokens"][:, 1:]) and (b["targets"][:, -1] == PAD).all()
+    assert torch.equal(b["tokens"], torch.from_numpy(stream.astype(np.int64))[b["positions"]])
+    other_seed = next(iter(RandomWindows(stream, seq_len=16, batch_size=4, seed=4)))
+    assert not torch.equal(other_seed["tokens"], batches[0]["tokens"])
+
+
+def test_global_batch_is_split_across_ranks(tmp_path):
+    stream = np.arange(5000, dtype=np.uint16) % 256
+    whole = RandomWindows(stream, 8, 4, seed=1, world_size=1).batch(7)["positions"]
+    halves = [RandomWindows(stream, 8, 2, seed=1, rank=r, world_size=2).batch(7)["positions"] for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_folder_and_glob_join_documents_with_eos(tmp_path):
+    _text(tmp_path, "a.txt", "aaaa")
+    _text(tmp_path, "b.txt", "bbbb")
+    for source in (str(tmp_path), str(tmp_path / "*.txt")):
+        dm = ByteCorpus(source=source, val_fraction=0.5, seq_len=2)
+        dm.setup("fit")
+        assert np.concatenate([dm.train_stream, dm.val_stream]).tolist() == [97] * 4 + [EOS] + [98] * 4
+
+
+def test_hf_json_source_reads_the_named_column(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"doc {i} " * 20, "id": i}) for i in range(10)))
+    dm = ByteCorpus(source=str(path), hf_format="json", text_column="body", seq_len=8)
+    dm.setup("fit")
+    stream = np.concatenate([dm.train_stream, dm.val_stream])
+    assert (stream == EOS).sum() == 9
+    with pytest.raises(DataError, match="has no column 'text'; columns: body, id"):
+        ByteCorpus(source=str(path), hf_format="json").setup("fit")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"source": "/no/such/file.txt"}, "data.source: '/no/such/file.txt' is no file or directory and matches no file as a glob"),
+        ({"source": "/no/such/*.txt"}, "matches no file"),
+        ({"val_fraction": 1.5}, "data.val_fraction: must be in (0, 1)"),
+        ({"seq_len": 0}, "data.seq_len: must be positive"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(DataError) as e:
+        ByteCorpus(**kwargs)
+    assert message in str(e.value)
+
+
+def test_empty_inputs_fail_in_setup(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="holds no data"):
+        ByteCorpus(source=str(empty)).setup("fit")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        ByteCorpus(source=str(tmp_path / "dir"))
+    with pytest.raises(DataError, match="data.val_source: .* holds no data"):
+        ByteCorpus(source=str(_text(tmp_path, "s.txt")), val_source=str(empty)).setup("fit")
+    with pytest.raises(DataError, match="data.seq_len: the train split has 8 tokens, fewer than seq_len 16"):
+        ByteCorpus(source=str(_text(tmp_path, "s.txt", "abcdefghi")), val_fraction=0.1, seq_len=16).setup("fit")

@@ -1,0 +1,113 @@
+"""End to end through the CLI on CPU: training lowers the loss, resume continues exactly, the saved config
+reproduces the run, checkpoints survive a failed write."""
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from soma_lightning.checkpoint_io import AtomicCheckpointIO
+from soma_lightning.cli import cli_main
+from conftest import tiny_v1_arch
+
+
+def _config(tmp_path: Path, name: str, max_steps: int) -> Path:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(open("soma_lightning/corpora/tinyshakespeare.txt").read()[:60_000])
+    cfg = {
+        "seed_everything": 1,
+        "model": {"arch": tiny_v1_arch(d_model=32, hidden_dim=64), "optim": {"lr": 3e-3, "warmup_steps": 2}},
+        "data": {"class_path": "soma_lightning.data_modules.ByteCorpus", "init_args": {"source": str(corpus), "seq_len": 32, "batch_size": 4, "val_seq_len": 64}},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": max_steps,
+            "val_check_interval": 4,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": True,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}},
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_losses(metrics_csv: Path) -> dict[int, float]:
+    rows = csv.DictReader(open(metrics_csv))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_training_lowers_loss_and_writes_last_and_best(tmp_path):
+    cli_main(["fit", "--config", str(_config(tmp_path, "run", 12))])
+    version = tmp_path / "runs" / "run" / "version_0"
+    losses = _train_losses(version / "metrics.csv")
+    assert losses[11] < losses[0] - 0.5
+    ckpts = sorted(p.name for p in (version / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    assert (version / "config.yaml").exists()
+
+
+class StopAtStep(L.Callback):
+    """Stops a run after `step` optimizer steps, as an interruption would, with the schedule of the full run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_resume_continues_step_and_loss_exactly(tmp_path):
+    cli_main(["fit", "--config", str(_config(tmp_path, "straight", 8))])
+    interrupted = {"class_path": "test_training.StopAtStep", "init_args": {"step": 4}}
+    cli_main(["fit", "--config", str(_config(tmp_path, "split", 8)), f"--trainer.callbacks=[{json.dumps(interrupted)}]"])
+    cli_main(["fit", "--config", str(_config(tmp_path, "split", 8)), "--ckpt_path", "last"])
+    straight = _train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
+    resumed = _train_losses(tmp_path / "runs/split/version_1/metrics.csv")
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert [resumed[s] for s in range(4, 8)] == [straight[s] for s in range(4, 8)]
+    ckpt = torch.load(tmp_path / "runs/split/version_1/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 8
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    cli_main(["fit", "--config", str(_config(tmp_path, "orig", 5))])
+    saved = tmp_path / "runs/orig/version_0/config.yaml"
+    cli_main(["fit", "--config", str(saved)])
+    first = _train_losses(tmp_path / "runs/orig/version_0/metrics.csv")
+    again = _train_losses(tmp_path / "runs/orig/version_1/metrics.csv")
+    assert first == again and len(first) == 5
+
+
+def test_resume_last_without_checkpoint_is_a_user_error(tmp_path):
+    from soma_lightning.errors import UserError
+
+    with pytest.raises(UserError, match="no last.ckpt under"):
+        cli_main(["fit", "--config", str(_config(tmp_path, "fresh", 2)), "--ckpt_path", "last"])
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
