@@ -46,7 +46,7 @@ class SomaCLI(LightningCLI):
         print(f"soma-lightning: resuming from {config['ckpt_path']}", file=sys.stderr)
 
 
-def cli_main(args: list[str]) -> None:
+def cli_main(args: list[str] | None = None) -> None:
     SomaCLI(
         SomaLM,
         ByteCorpus,
@@ -111,14 +111,26 @@ def inspect_main(args: list[str]) -> None:
 COMMANDS = {"inspect": inspect_main}
 
 
+def _user_error(e: BaseException) -> BaseException | None:
+    """The user's mistake behind an exception: jsonargparse wraps errors raised while instantiating classes."""
+    while e is not None:
+        if isinstance(e, (UserError, jsonargparse.ArgumentError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
         else:
             cli_main(argv)
-    except (UserError, jsonargparse.ArgumentError) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    except Exception as e:
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
         print(f"soma-lightning: error: {message}", file=sys.stderr)
         sys.exit(2)

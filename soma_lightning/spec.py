@@ -306,14 +306,14 @@ def read_yaml(path: str) -> Any:
 
 
 def load_spec(path: str) -> ModelSpec:
-    """The model spec (`model.arch`) of a YAML config file."""
+    """The model spec (`model.arch`) of a YAML config file, fully validated (built once on the meta device)."""
     raw = read_yaml(path)
     arch = raw.get("model", {}).get("arch") if isinstance(raw, dict) and isinstance(raw.get("model"), dict) else None
     if arch is None:
         raise SpecError(f"{path}: model.arch: missing key (the model spec)")
     try:
         spec = spec_from_dict(arch, "model.arch")
-        _plan(spec, "model.arch")
+        build_model(spec, device="meta")
         return spec
     except SpecError as e:
         raise SpecError(f"{path}: {e}") from None

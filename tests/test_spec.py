@@ -130,6 +130,20 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "soma_lightning", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--model.arch.d_model", "abc"], 'Parser key "model.arch.d_model": Expected a <class \'int\'>'),
+        (["--data.init_args.source", "/no/such/corpus"], "data.source: '/no/such/corpus' is no file or directory"),
+        (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz"),
+    ],
+)
+def test_cli_argument_errors_are_one_line(override, expected):
+    out = _cli("fit", "--config", f"{SPECS}/quickstart.yaml", *override)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"soma-lightning: error: {expected}"), out.stderr
+
+
 def test_cli_spec_error_is_one_line(tmp_path):
     cfg = yaml.safe_load(open(f"{SPECS}/quickstart.yaml"))
     cfg["model"]["arch"]["blocks"]["layer"][0]["mixer"]["num_heads"] = 3
@@ -138,8 +152,8 @@ def test_cli_spec_error_is_one_line(tmp_path):
     for command in (["fit", "--config", str(path)], ["inspect", "--config", str(path)]):
         out = _cli(*command)
         assert out.returncode == 2, out.stderr
-        lines = out.stderr.strip().splitlines()
-        assert lines[-1].startswith("soma-lightning: error:") and "model.arch.blocks.layer[0].mixer.num_heads" in lines[-1], out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last == f"soma-lightning: error: {'' if command[0] == 'fit' else str(path) + ': '}model.arch.blocks.layer[0].mixer.num_heads: d_model 128 is not divisible by num_heads 3", out.stderr
         assert "Traceback" not in out.stderr
 
 

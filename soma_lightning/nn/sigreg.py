@@ -1,4 +1,9 @@
-"""SIGReg as the SOMA V1 contract defines it (section 4.1): a per-token characteristic-function test over slices."""
+"""SIGReg as the SOMA V1 contract defines it (section 4.1): a per-token characteristic-function test over slices.
+
+For each token, project onto the K unit-normalised noise columns (y = x @ A), average cos/sin(t * y) over
+the slices, compare with the Gaussian characteristic function exp(-t^2/2) on t = linspace(0, t_max, points)
+with weights [dt, 2dt, ..., 2dt, dt] * exp(-t^2/2), multiply by K; the statistic is the mean over tokens.
+"""
 
 from dataclasses import dataclass
 
@@ -14,21 +19,70 @@ class SIGRegConfig:
     t_max: float = 3.0
 
 
-def sigreg_statistic(x: Tensor, noise: Tensor, t_max: float = 3.0, points: int = 17) -> Tensor:
-    """Raw SIGReg (no coefficient) of representations x [..., D] against noise [D, K], in float32.
-
-    Per token: project onto the K unit-normalised noise columns, average cos/sin(t * y) over the slices,
-    compare with the Gaussian characteristic function exp(-t^2/2) on t = linspace(0, t_max, points) with
-    weights [dt, 2dt, ..., 2dt, dt] * exp(-t^2/2), multiply by K; then the mean over tokens.
-    """
-    x, noise = x.float(), noise.float()
-    t = torch.linspace(0, t_max, points, device=x.device)
-    dt = t_max / (points - 1)
+def _grid(t_max: float, points: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, phi(t), trapezoid weights * phi(t))."""
+    t = torch.linspace(0, t_max, points, device=device)
     phi = torch.exp(-0.5 * t**2)
-    weights = torch.full((points,), 2 * dt, device=x.device)
-    weights[0] = weights[-1] = dt
-    weights = weights * phi
-    y = x @ (noise / noise.norm(dim=0))
-    yt = y.unsqueeze(-1) * t
+    weights = torch.full((points,), 2 * t_max / (points - 1), device=device)
+    weights[0] = weights[-1] = t_max / (points - 1)
+    return t, phi, weights * phi
+
+
+def _project(x: Tensor, noise: Tensor) -> Tensor:
+    x, noise = x.float(), noise.float()
+    return x @ (noise / noise.norm(dim=0))
+
+
+def sigreg_statistic_reference(x: Tensor, noise: Tensor, t_max: float = 3.0, points: int = 17) -> Tensor:
+    """Raw SIGReg (no coefficient) of x [..., D] against noise [D, K], written as the contract states it;
+    materialises [..., K, points]."""
+    t, phi, weights = _grid(t_max, points, x.device)
+    yt = _project(x, noise).unsqueeze(-1) * t
     err = (yt.cos().mean(dim=-2) - phi) ** 2 + yt.sin().mean(dim=-2) ** 2
     return ((err * weights).sum(dim=-1) * noise.shape[1]).mean()
+
+
+def _rotations(y: Tensor, dt: float, points: int):
+    """cos(t_j y), sin(t_j y) for t_j = j * dt, j = 0..points-1, by angle addition from cos/sin(dt * y)."""
+    c1, s1 = torch.cos(dt * y), torch.sin(dt * y)
+    c, s = torch.ones_like(y), torch.zeros_like(y)
+    for j in range(points):
+        if j:
+            c, s = c * c1 - s * s1, s * c1 + c * s1
+        yield c, s
+
+
+class _SIGReg(torch.autograd.Function):
+    """Per-token statistic without the [N, K, points] intermediates: forward keeps the per-token means, and
+    backward regenerates the rotations instead of storing them (memory O(N * K))."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, t_max: float, points: int) -> Tensor:
+        t, phi, weights = _grid(t_max, points, y.device)
+        dt = t_max / (points - 1)
+        means = [(c.mean(dim=-1), s.mean(dim=-1)) for c, s in _rotations(y, dt, points)]
+        cos_mean = torch.stack([m[0] for m in means], dim=-1)
+        sin_mean = torch.stack([m[1] for m in means], dim=-1)
+        err = (cos_mean - phi) ** 2 + sin_mean**2
+        ctx.save_for_backward(y, cos_mean, sin_mean)
+        ctx.t_max, ctx.points = t_max, points
+        return (err * weights).sum(dim=-1) * y.shape[-1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, cos_mean, sin_mean = ctx.saved_tensors
+        t, phi, weights = _grid(ctx.t_max, ctx.points, y.device)
+        dt = ctx.t_max / (ctx.points - 1)
+        # d stat / d y_k = sum_j 2 w_j t_j (-(cos_mean_j - phi_j) sin(t_j y_k) + sin_mean_j cos(t_j y_k))
+        a = 2 * weights * t * -(cos_mean - phi)
+        b = 2 * weights * t * sin_mean
+        out = torch.zeros_like(y)
+        for j, (c, s) in enumerate(_rotations(y, dt, ctx.points)):
+            out += a[..., j : j + 1] * s + b[..., j : j + 1] * c
+        return out * grad.unsqueeze(-1), None, None
+
+
+def sigreg_statistic(x: Tensor, noise: Tensor, t_max: float = 3.0, points: int = 17) -> Tensor:
+    """Raw SIGReg (no coefficient) of representations x [..., D] against noise [D, K], in float32; equal to
+    `sigreg_statistic_reference` (cos/sin of t_j y by angle addition, rounding error ~points * 1e-7)."""
+    return _SIGReg.apply(_project(x, noise), t_max, points).mean()
