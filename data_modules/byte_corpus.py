@@ -21,7 +21,7 @@ class DataError(UserError):
     pass
 
 
-def _files(source: str, key: str) -> list[Path]:
+def source_files(source: str, key: str) -> list[Path]:
     path = Path(source)
     if path.is_file():
         return [path]
@@ -39,7 +39,7 @@ def _files(source: str, key: str) -> list[Path]:
 def read_stream(source: str, key: str, hf_format: str | None = None, text_column: str = "text") -> np.ndarray:
     """All documents of `source` as one uint16 token stream, documents joined by EOS. A document is a file's
     bytes, or with `hf_format` one row's `text_column` (utf-8) of a local HF `datasets` source."""
-    files = _files(source, key)
+    files = source_files(source, key)
     if hf_format is None:
         docs = [f.read_bytes() for f in files]
     else:
@@ -136,7 +136,7 @@ class ByteCorpus(L.LightningDataModule):
             raise DataError(f"data.val_fraction: must be in (0, 1) when no val_source is given, got {val_fraction}")
         for key, value in (("source", source), ("val_source", val_source), ("test_source", test_source)):
             if value is not None:
-                _files(value, f"data.{key}")
+                source_files(value, f"data.{key}")
         self.source, self.val_source, self.test_source = source, val_source, test_source
         self.val_fraction, self.hf_format, self.text_column = val_fraction, hf_format, text_column
         self.seq_len, self.batch_size = seq_len, batch_size

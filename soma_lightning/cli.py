@@ -1,21 +1,26 @@
-"""`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`."""
+"""`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`, `export` and `score`."""
 
 import json
 import sys
+from dataclasses import asdict
 from glob import glob
 from pathlib import Path
 
 import jsonargparse
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, LightningArgumentParser
 from lightning.pytorch.loggers import CSVLogger
 
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
 from soma_lightning.data_modules import ByteCorpus
+from soma_lightning.data_modules.byte_corpus import source_files
 from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
 from soma_lightning.spec import build_model, load_spec
+from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, save_canonical, score
 
 
 class SomaCLI(LightningCLI):
@@ -108,7 +113,71 @@ def inspect_main(args: list[str]) -> None:
         _print_inspection(info)
 
 
-COMMANDS = {"inspect": inspect_main}
+def _checkpoint_of(path: str, which: str) -> Path:
+    """A .ckpt file, or the best / last checkpoint of a run directory (runs/NAME/version_N)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise UserError(f"--ckpt: {path!r} is neither a checkpoint file nor a run directory")
+    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
+    found = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise UserError(f"--ckpt: no {pattern} in {folder}")
+    return found[-1]
+
+
+def export_checkpoint(ckpt: str, out: str, which: str = "best") -> dict:
+    """Write a V1 run's weights in the canonical safetensors layout (389 keys for the full model, F32)."""
+    path = _checkpoint_of(ckpt, which)
+    try:
+        module = SomaLM.load_from_checkpoint(path, map_location="cpu", init_weights=None)
+    except (KeyError, RuntimeError, OSError, EOFError) as e:
+        raise UserError(f"--ckpt: {path} is not a soma-lightning checkpoint ({type(e).__name__}: {e})") from None
+    save_canonical(module.model, out)
+    return {"ckpt": str(path), "out": out, "keys": len(module.model.state_dict()), "parameters": count_parameters(module.model)[0]}
+
+
+def export_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(prog="soma-lightning export", description=export_checkpoint.__doc__, exit_on_error=False)
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file, or a run directory (runs/NAME/version_N)")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint of a run directory")
+    cfg = parser.parse_args(args)
+    print(json.dumps(export_checkpoint(cfg.ckpt, cfg.out, cfg.which)))
+
+
+def read_data(path: str) -> bytes:
+    """The bytes of a file, or of every file of a directory (sorted by path) concatenated."""
+    return b"".join(f.read_bytes() for f in source_files(path, "--data"))
+
+
+def score_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(
+        prog="soma-lightning score",
+        description="The on-chain loss of canonical V1 weights on data, as the network's Rust scorer computes it.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--weights", required=True, help="canonical V1 safetensors; dimensions are read from its shapes")
+    parser.add_argument("--data", required=True, help="a file, or a directory whose files are concatenated in path order")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; batch b uses seed + b")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-heads", type=int, default=V1_NUM_HEADS, help="attention heads (shapes cannot tell)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast")
+    parser.add_argument("--attention", choices=["reference", "sdpa"], default="reference", help="reference: plain softmax, the reference's arithmetic; sdpa: fused kernels")
+    parser.add_argument("--embedding-out", default=None, help="save the embedding vector here (.npy)")
+    cfg = parser.parse_args(args)
+    model = model_from_canonical(cfg.weights, cfg.num_heads, cfg.device, cfg.attention)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    result, embedding = score(model, read_data(cfg.data), cfg.seed, cfg.batch_size, autocast_dtype=dtype)
+    if cfg.embedding_out:
+        np.save(cfg.embedding_out, embedding.numpy())
+    print(json.dumps(asdict(result)))
+
+
+COMMANDS = {"inspect": inspect_main, "export": export_main, "score": score_main}
 
 
 def _user_error(e: BaseException) -> BaseException | None:

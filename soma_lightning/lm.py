@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 from soma_lightning.data_modules.contract import PAD
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
+from soma_lightning.v1 import ONCHAIN_SIGREG, arrgen_noise, load_canonical, onchain_batch_loss, read_canonical, target_nll
 
 Batch = dict[str, torch.Tensor]
 
@@ -30,66 +31,81 @@ class OptimConfig:
 
 class SomaLM(L.LightningModule):
     """`arch` is the model spec; the objective is CE over non-PAD targets + sigreg.coefficient * SIGReg on the
-    final representations. Training noise for step s is N(0,1) from a generator seeded with noise_seed + s;
-    validation noise for batch b with noise_seed + b (so validation is deterministic)."""
+    final representations. Training noise for step s is N(0,1) from torch's generator seeded with
+    noise_seed + s. Validation noise for batch b is the canonical scorer's (soma-arrgen, noise_seed + b), so
+    that `val/onchain_loss` is the loss `soma-lightning score` reports for the val split (one device,
+    val_seq_len 1024 and val_batch_size 16, as the scorer). `init_weights`: a canonical V1 safetensors
+    file to start from."""
 
-    def __init__(self, arch: ModelSpec, sigreg: SIGRegConfig = SIGRegConfig(), optim: OptimConfig = OptimConfig(), noise_seed: int = 0) -> None:
+    def __init__(
+        self,
+        arch: ModelSpec,
+        sigreg: SIGRegConfig = SIGRegConfig(),
+        optim: OptimConfig = OptimConfig(),
+        noise_seed: int = 0,
+        init_weights: str | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(arch, dict):  # hyper-parameters read back from a checkpoint
             arch, sigreg, optim = spec_from_dict(arch), SIGRegConfig(**sigreg), OptimConfig(**optim)
-        self.save_hyperparameters({"arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed})
+        self.save_hyperparameters({"arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed, "init_weights": init_weights})
         self.arch, self.sigreg, self.optim, self.noise_seed = arch, sigreg, optim, noise_seed
         self.model = build_model(arch)
-        self.val_ce, self.val_sigreg = MeanMetric(), MeanMetric()
+        if init_weights is not None:
+            load_canonical(self.model, read_canonical(init_weights), init_weights)
+        self.val_ce, self.val_sigreg, self.val_onchain = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, positions)
 
-    def _noise(self, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(self.arch.d_model, self.sigreg.slices, generator=g).to(self.device)
-
-    def _losses(self, batch: Batch, noise_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ce: mean NLL over non-PAD targets, raw sigreg, number of non-PAD targets)."""
-        reps = self.model.encode(batch["tokens"], batch["positions"])
-        logits = self.model.predict(reps)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
-        sig = sigreg_statistic(reps, self._noise(noise_seed), self.sigreg.t_max, self.sigreg.points)
-        return ce, sig, (batch["targets"] != PAD).sum()
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        ce, sig, _ = self._losses(batch, self.noise_seed + self.global_step)
+        reps = self.model.encode(batch["tokens"], batch["positions"])
+        ce = F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
+        noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
+        sig = sigreg_statistic(reps, noise.to(self.device), self.sigreg.t_max, self.sigreg.points)
         loss = ce + self.sigreg.coefficient * sig
         self.log_dict({"train/ce": ce, "train/sigreg": sig, "train/loss": loss})
         self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        ce, sig, n = self._losses(batch, self.noise_seed + batch_idx)
-        self.val_ce.update(ce, n)
-        self.val_sigreg.update(sig, len(batch["tokens"]))
+        reps = self.model.encode(batch["tokens"], batch["positions"])
+        nll = target_nll(self.model.predict(reps), batch["targets"])
+        n = (batch["targets"] != PAD).sum()
+        seed = self.noise_seed + batch_idx
+        onchain_sig = sigreg_statistic(reps, arrgen_noise(seed, self.arch.d_model).to(self.device))
+        sig = onchain_sig
+        if self.sigreg != ONCHAIN_SIGREG:
+            noise = arrgen_noise(seed, self.arch.d_model, self.sigreg.slices).to(self.device)
+            sig = sigreg_statistic(reps, noise, self.sigreg.t_max, self.sigreg.points)
+        self.val_ce.update(nll.sum() / n, n)
+        self.val_sigreg.update(sig, len(nll))
+        self.val_onchain.update(onchain_batch_loss(nll, onchain_sig))
+
+    def _log_eval(self, stage: str) -> None:
+        """Token-weighted CE over the whole split (bits/byte = CE / ln 2), row-weighted SIGReg, and the
+        on-chain loss (mean over batches of their on-chain losses)."""
+        ce, sig = self.val_ce.compute(), self.val_sigreg.compute()
+        self.log_dict({
+            f"{stage}/ce": ce, f"{stage}/sigreg": sig, f"{stage}/loss": ce + self.sigreg.coefficient * sig,
+            f"{stage}/onchain_loss": self.val_onchain.compute(),
+        })
+        self.log(f"{stage}/bits_per_byte", ce / math.log(2), prog_bar=stage == "val")
+        for metric in (self.val_ce, self.val_sigreg, self.val_onchain):
+            metric.reset()
 
     def on_validation_epoch_end(self) -> None:
-        """Token-weighted CE over the whole split (bits/byte = CE / ln 2) and row-weighted SIGReg."""
-        ce, sig = self.val_ce.compute(), self.val_sigreg.compute()
-        self.log_dict({"val/ce": ce, "val/sigreg": sig, "val/loss": ce + self.sigreg.coefficient * sig})
-        self.log("val/bits_per_byte", ce / math.log(2), prog_bar=True)
-        self.val_ce.reset()
-        self.val_sigreg.reset()
+        self._log_eval("val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        ce, sig = self.val_ce.compute(), self.val_sigreg.compute()
-        self.log_dict({"test/ce": ce, "test/sigreg": sig, "test/loss": ce + self.sigreg.coefficient * sig, "test/bits_per_byte": ce / math.log(2)})
-        self.val_ce.reset()
-        self.val_sigreg.reset()
+        self._log_eval("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-row NLL sum (nats) over non-PAD targets and the number of such targets."""
-        logits = self.model(batch["tokens"], batch["positions"])
-        nll = F.cross_entropy(logits.transpose(1, 2).float(), batch["targets"], ignore_index=PAD, reduction="none")
+        nll = target_nll(self.model(batch["tokens"], batch["positions"]), batch["targets"])
         return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != PAD).sum(dim=1)}
 
     def configure_optimizers(self):
