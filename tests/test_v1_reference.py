@@ -57,6 +57,15 @@ def test_sdpa_equals_plain_softmax_reference():
     torch.testing.assert_close(sdpa(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_reference_attention_runs_in_float32_under_bf16_autocast():
+    model = build_model(tiny_v1_arch(d_model=32, hidden_dim=64, impl="reference")).eval()
+    tokens = torch.randint(0, 264, (2, 30))
+    expected = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens)
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("shape", [(16, 2, 4, 32), (64, 1, 8, 256)])
 def test_model_equals_reference(shape):
     ours, ref = _pair(*shape)

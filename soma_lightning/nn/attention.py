@@ -12,12 +12,14 @@ from soma_lightning.nn.rope import apply_rope, rope_angles
 
 
 def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Plain softmax attention over [B, H, T, hd], the causal mask filled with finfo(float32).min, in float32."""
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-    t = q.shape[-2]
-    visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    """Plain softmax attention over [B, H, T, hd], the causal mask filled with finfo(float32).min, in float32
+    (also under autocast)."""
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+        t = q.shape[-2]
+        visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
 class MultiHeadAttention(nn.Module):
