@@ -64,16 +64,25 @@ def read_stream(source: str, key: str, hf_format: str | None = None, text_column
     return np.concatenate(parts)
 
 
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] index of the document each position belongs to within its row: it grows after every EOS."""
+    after_eos = (tokens == EOS).long().cumsum(dim=-1)
+    return torch.cat([torch.zeros_like(after_eos[..., :1]), after_eos[..., :-1]], dim=-1)
+
+
 class RandomWindows(IterableDataset):
     """An endless stream of training batches. Global batch b is a deterministic function of (seed, b):
     world_size * batch_size windows at offsets drawn from numpy's generator seeded with [seed, b]; this rank
     takes its slice. Each row is laid out as the contract lays out a full chunk: targets shifted left with
     PAD appended, positions the global offsets. Iteration starts at `start_batch` (the data position)."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1, with_doc_ids: bool = False
+    ) -> None:
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        self.with_doc_ids = with_doc_ids
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, b])
@@ -82,7 +91,10 @@ class RandomWindows(IterableDataset):
         positions = mine.unsqueeze(1) + torch.arange(self.seq_len)
         tokens = self.stream[positions]
         targets = torch.cat([tokens[:, 1:], torch.full((len(tokens), 1), PAD)], dim=1)
-        return {"tokens": tokens, "targets": targets, "positions": positions}
+        batch = {"tokens": tokens, "targets": targets, "positions": positions}
+        if self.with_doc_ids:
+            batch["doc_ids"] = document_ids(tokens)
+        return batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -94,8 +106,10 @@ class RandomWindows(IterableDataset):
 class ContractChunks(torch.utils.data.Dataset):
     """A token stream cut into the contract's rows (tokenize), one row per item."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
+    def __init__(self, stream: np.ndarray, seq_len: int, with_doc_ids: bool = False) -> None:
         self.rows = tokenize(torch.from_numpy(stream.astype(np.int64)), seq_len)
+        if with_doc_ids:
+            self.rows["doc_ids"] = document_ids(self.rows["tokens"])
 
     def __len__(self) -> int:
         return len(self.rows["tokens"])
@@ -111,6 +125,8 @@ class ByteCorpus(L.LightningDataModule):
     Train/val: separate sources (`val_source`), or the last `val_fraction` of the source's token stream (the
     split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`; validation and test cut
     their stream into the V1 contract's non-overlapping chunks of `val_seq_len`, batches of `val_batch_size`.
+    `doc_ids`: batches also carry each position's document index (documents are joined by EOS), so that
+    attention stays inside a document.
     """
 
     def __init__(
@@ -127,6 +143,7 @@ class ByteCorpus(L.LightningDataModule):
         val_batch_size: int = 16,
         seed: int = 0,
         num_workers: int = 0,
+        doc_ids: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_seq_len", val_seq_len), ("val_batch_size", val_batch_size)):
@@ -141,7 +158,7 @@ class ByteCorpus(L.LightningDataModule):
         self.val_fraction, self.hf_format, self.text_column = val_fraction, hf_format, text_column
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_seq_len, self.val_batch_size = val_seq_len, val_batch_size
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.doc_ids = seed, num_workers, doc_ids
         self.train_stream: np.ndarray | None = None
 
     def _read(self, source: str, key: str) -> np.ndarray:
@@ -170,11 +187,11 @@ class ByteCorpus(L.LightningDataModule):
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        windows = RandomWindows(self.train_stream, self.seq_len, self.batch_size, self.seed, start, rank, world)
+        windows = RandomWindows(self.train_stream, self.seq_len, self.batch_size, self.seed, start, rank, world, self.doc_ids)
         return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
     def _chunks(self, stream: np.ndarray) -> DataLoader:
-        return DataLoader(ContractChunks(stream, self.val_seq_len), batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return DataLoader(ContractChunks(stream, self.val_seq_len, self.doc_ids), batch_size=self.val_batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._chunks(self.val_stream)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from soma_lightning.data_modules.contract import PAD
+from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
 from soma_lightning.v1 import ONCHAIN_SIGREG, arrgen_noise, load_canonical, onchain_batch_loss, read_canonical, target_nll
@@ -58,18 +59,36 @@ class SomaLM(L.LightningModule):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, positions)
 
+    def _routed(self) -> list[MoE]:
+        return [m for m in self.model.modules() if isinstance(m, MoE)]
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        reps = self.model.encode(batch["tokens"], batch["positions"])
+        reps = self.model.encode(batch["tokens"], batch["positions"], batch.get("doc_ids"))
         ce = F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
         noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
         sig = sigreg_statistic(reps, noise.to(self.device), self.sigreg.t_max, self.sigreg.points)
         loss = ce + self.sigreg.coefficient * sig
-        self.log_dict({"train/ce": ce, "train/sigreg": sig, "train/loss": loss})
+        metrics = {"train/ce": ce, "train/sigreg": sig}
+        routed = self._routed()
+        if routed:
+            aux = sum(m.aux_loss for m in routed)
+            loads = torch.stack([m.stats["tokens_per_expert"].float() for m in routed])
+            loss = loss + aux
+            metrics |= {
+                "train/moe_aux_loss": aux,
+                "train/moe_max_load": (loads.max(dim=1).values / loads.mean(dim=1)).mean(),
+                "train/moe_dropped_fraction": torch.stack([m.stats["dropped_fraction"] for m in routed]).mean(),
+            }
+        self.log_dict(metrics | {"train/loss": loss})
         self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True)
         return loss
 
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        for m in self._routed():
+            m.update_selection_bias()
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        reps = self.model.encode(batch["tokens"], batch["positions"])
+        reps = self.model.encode(batch["tokens"], batch["positions"], batch.get("doc_ids"))
         nll = target_nll(self.model.predict(reps), batch["targets"])
         n = (batch["targets"] != PAD).sum()
         seed = self.noise_seed + batch_idx
@@ -105,7 +124,7 @@ class SomaLM(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-row NLL sum (nats) over non-PAD targets and the number of such targets."""
-        nll = target_nll(self.model(batch["tokens"], batch["positions"]), batch["targets"])
+        nll = target_nll(self.model(batch["tokens"], batch["positions"], batch.get("doc_ids")), batch["targets"])
         return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != PAD).sum(dim=1)}
 
     def configure_optimizers(self):

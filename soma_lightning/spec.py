@@ -11,7 +11,7 @@ import inspect
 import re
 import types
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Literal, Union
 
 import torch
@@ -19,14 +19,18 @@ import yaml
 
 from soma_lightning.errors import UserError
 from soma_lightning.nn.attention import MultiHeadAttention
+from soma_lightning.nn.embedding import HashedNgramEmbedding
 from soma_lightning.nn.ffn import GeluMLP
+from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.model import Block, SomaModel, Sublayer
+from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.norm import layernorm, rmsnorm
 
 REGISTRY: dict[str, dict[str, Callable[..., torch.nn.Module]]] = {
-    "mixer": {"mha": MultiHeadAttention},
-    "ffn": {"gelu_mlp": GeluMLP},
+    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention},
+    "ffn": {"gelu_mlp": GeluMLP, "moe": MoE},
     "norm": {"layernorm": layernorm, "rmsnorm": rmsnorm},
+    "embedding": {"hashed_ngram": HashedNgramEmbedding},
 }
 
 # Arguments a component receives from the model level unless its own spec sets them.
@@ -37,7 +41,7 @@ class SpecError(UserError, ValueError):
     """A spec mistake; the message starts with the YAML key path."""
 
 
-def register(kind: Literal["mixer", "ffn", "norm"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
+def register(kind: Literal["mixer", "ffn", "norm", "embedding"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
     """Make `factory` available to specs as `{kind}: {type: name, ...}`."""
     REGISTRY[kind][name] = factory
 
@@ -47,7 +51,8 @@ class ModelSpec:
     """The architecture: `blocks` maps a block name to its residual sublayers, run in order; layer i uses
     block `pattern[i % len(pattern)]` (default: the blocks in the order written). A sublayer is
     `{norm: <norm or null>, mixer|ffn: <component>, name: <module name, optional>}`; a component is a
-    registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`."""
+    registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`.
+    `input_embeddings`: embedding components added to the token embedding (e.g. hashed_ngram)."""
 
     d_model: int
     n_layers: int
@@ -58,6 +63,7 @@ class ModelSpec:
     dropout: float = 0.0
     final_norm: str | dict[str, Any] = "layernorm"
     predictor_bias: bool = True
+    input_embeddings: list[str | dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- type checks with readable errors
@@ -210,14 +216,21 @@ def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:
         if key not in names:
             raise SpecError(f"{path}.{key}: unknown key; valid keys: {', '.join(names)}")
     for f in fields(ModelSpec):
-        if f.default is MISSING and f.name not in raw:
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in raw:
             raise SpecError(f"{path}.{f.name}: missing required key")
     spec = ModelSpec(**raw)
     _check_fields(spec, path)
     return spec
 
 
-def _plan(spec: ModelSpec, path: str) -> tuple[list[list[tuple[str, _Component | None, _Component]]], _Component]:
+@dataclass
+class _Plan:
+    layers: list[list[tuple[str, _Component | None, _Component]]]
+    final_norm: _Component
+    input_embeddings: list[_Component]
+
+
+def _plan(spec: ModelSpec, path: str) -> _Plan:
     """Resolve every component of every layer; raises SpecError before anything is built."""
     _check_fields(spec, path)
     if not spec.blocks:
@@ -259,15 +272,17 @@ def _plan(spec: ModelSpec, path: str) -> tuple[list[list[tuple[str, _Component |
             resolved.append((name, norm, comp))
         blocks[block_name] = resolved
     layers = [blocks[pattern[i % len(pattern)]] for i in range(spec.n_layers)]
-    return layers, _component("norm", spec.final_norm, f"{path}.final_norm", inherited)
+    embeddings = [_component("embedding", e, f"{path}.input_embeddings[{i}]", inherited) for i, e in enumerate(spec.input_embeddings)]
+    return _Plan(layers, _component("norm", spec.final_norm, f"{path}.final_norm", inherited), embeddings)
 
 
-def _assemble(spec: ModelSpec, layers: list, final_norm: _Component) -> SomaModel:
+def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
     blocks = [
         Block([Sublayer(name, comp.build(), norm.build() if norm else None) for name, norm, comp in layer], spec.dropout)
-        for layer in layers
+        for layer in plan.layers
     ]
-    return SomaModel(spec.vocab_size, spec.d_model, blocks, final_norm.build(), spec.predictor_bias)
+    embeddings = [e.build() for e in plan.input_embeddings]
+    return SomaModel(spec.vocab_size, spec.d_model, blocks, plan.final_norm.build(), spec.predictor_bias, embeddings)
 
 
 def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None, path: str = "model.arch") -> SomaModel:
@@ -275,13 +290,13 @@ def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None
     fails before any weight is allocated; `device="meta"` returns that weightless model."""
     if isinstance(spec, dict):
         spec = spec_from_dict(spec, path)
-    layers, final_norm = _plan(spec, path)
+    plan = _plan(spec, path)
     with torch.device("meta"):
-        model = _assemble(spec, layers, final_norm)
+        model = _assemble(spec, plan)
     if torch.device(device or "cpu").type == "meta":
         return model
     with torch.device(device or "cpu"):
-        return _assemble(spec, layers, final_norm)
+        return _assemble(spec, plan)
 
 
 class _SpecLoader(yaml.SafeLoader):

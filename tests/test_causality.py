@@ -1,4 +1,5 @@
-"""Changing tokens after position t leaves logits and representations at t and before unchanged."""
+"""Changing tokens after position t leaves logits and representations at t and before unchanged: for V1,
+for every registered mixer, FFN and input embedding, and for the whole MoE model."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from soma_lightning.spec import REGISTRY
 from conftest import tiny_v1_arch
 
 
-def _assert_causal(model, vocab=264, t=17, length=40):
+@torch.no_grad()
+def _assert_causal(model, t=17, length=40):
     model.eval()
     a = torch.randint(0, 256, (2, length))
     b = a.clone()
@@ -25,15 +27,47 @@ def test_v1_is_causal(impl):
     _assert_causal(build_model(tiny_v1_arch(impl=impl)))
 
 
-MIXER_ARGS = {"mha": {"num_heads": 4}}
+CASES = {
+    "mixer": {
+        "mha": [{"num_heads": 4}],
+        "gqa": [
+            {"num_heads": 4, "num_kv_heads": 2},
+            {"num_heads": 4, "num_kv_heads": 1, "qk_norm": True, "window": 8, "global_stride": 5},
+            {"num_heads": 4, "num_kv_heads": 2, "window": 8, "global_stride": 5, "impl": "flex"},
+            {"num_heads": 4, "window": 6, "impl": "reference"},
+        ],
+    },
+    "ffn": {
+        "gelu_mlp": [{"hidden_dim": 32}],
+        "moe": [
+            {"hidden_dim": 16, "num_experts": 4, "top_k": 2},
+            {"hidden_dim": 16, "num_experts": 4, "top_k": 1, "capacity_factor": 0.5, "balance": "aux_free", "num_shared_experts": 1},
+            {"hidden_dim": 16, "num_experts": 4, "top_k": 2, "capacity_factor": 1.0, "impl": "grouped", "activation": "gelu"},
+        ],
+    },
+    "embedding": {"hashed_ngram": [{"ngram_sizes": [2, 3], "num_tables": 2, "buckets": 97}]},
+}
 
 
-def test_every_registered_mixer_has_causality_args():
-    assert set(REGISTRY["mixer"]) == set(MIXER_ARGS)
+def test_every_registered_component_has_a_causality_case():
+    for kind in ("mixer", "ffn", "embedding"):
+        assert set(REGISTRY[kind]) == set(CASES[kind]), kind
 
 
-@pytest.mark.parametrize("mixer", sorted(REGISTRY["mixer"]))
-def test_every_registered_mixer_is_causal(mixer):
+@pytest.mark.parametrize("kind, name, args", [(k, n, a) for k, names in CASES.items() for n, cases in names.items() for a in cases])
+def test_every_registered_component_is_causal(kind, name, args):
     arch = tiny_v1_arch()
-    arch["blocks"]["layer"][0]["mixer"] = {"type": mixer, **MIXER_ARGS[mixer]}
+    if kind == "embedding":
+        arch["input_embeddings"] = [{"type": name, **args}]
+    else:
+        arch["blocks"]["layer"][0 if kind == "mixer" else 1][kind] = {"type": name, **args}
     _assert_causal(build_model(arch))
+
+
+def test_moe_model_with_capacity_dropping_is_causal_across_the_batch():
+    arch = tiny_v1_arch(n_layers=2)
+    arch["blocks"]["layer"][1]["ffn"] = {"type": "moe", "hidden_dim": 16, "num_experts": 4, "top_k": 2, "capacity_factor": 0.3}
+    arch["input_embeddings"] = ["hashed_ngram"]
+    model = build_model(arch)
+    _assert_causal(model)
+    assert model.encoder.layers[0].moe.stats["dropped_fraction"] > 0

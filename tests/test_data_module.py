@@ -97,3 +97,17 @@ def test_empty_inputs_fail_in_setup(tmp_path):
         ByteCorpus(source=str(_text(tmp_path, "s.txt")), val_source=str(empty)).setup("fit")
     with pytest.raises(DataError, match="data.seq_len: the train split has 8 tokens, fewer than seq_len 16"):
         ByteCorpus(source=str(_text(tmp_path, "s.txt", "abcdefghi")), val_fraction=0.1, seq_len=16).setup("fit")
+
+
+def test_document_ids_grow_after_each_eos(tmp_path):
+    from soma_lightning.data_modules.byte_corpus import document_ids
+
+    tokens = torch.tensor([[1, EOS, 2, 3, EOS, EOS, 4]])
+    assert document_ids(tokens).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+    _text(tmp_path, "a.txt", "a" * 30)
+    _text(tmp_path, "b.txt", "b" * 30)
+    dm = ByteCorpus(source=str(tmp_path), seq_len=20, batch_size=8, val_seq_len=16, doc_ids=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["doc_ids"], document_ids(batch["tokens"]))
+    assert "doc_ids" in next(iter(dm.val_dataloader()))

@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -8,3 +8,5 @@ class SequenceContext:
     """What every sublayer may read besides its input: per-token facts about the sequence."""
 
     positions: Tensor  # [B, T] integer positions (RoPE reads them)
+    doc_ids: Tensor | None = None  # [B, T] document index within a packed window; attention stays inside one
+    cache: dict = field(default_factory=dict)  # built once per forward, shared by layers (e.g. attention masks)

@@ -54,23 +54,37 @@ class Encoder(nn.Module):
 
 
 class SomaModel(nn.Module):
-    def __init__(self, vocab_size: int, d_model: int, layers: list[Block], final_norm: nn.Module, predictor_bias: bool = True) -> None:
+    """`input_embeddings` are modules mapping token ids [B, T] to [B, T, D], added to the token embedding."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        layers: list[Block],
+        final_norm: nn.Module,
+        predictor_bias: bool = True,
+        input_embeddings: list[nn.Module] = (),
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model)
+        self.input_embeddings = nn.ModuleList(input_embeddings)
         self.encoder = Encoder(layers)
         self.final_norm = final_norm
         self.predictor = nn.Linear(d_model, vocab_size, bias=predictor_bias)
 
-    def encode(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Token ids [B, T] (and integer positions [B, T], default 0..T-1) -> representations [B, T, D]."""
+    def encode(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+        """Token ids [B, T] (integer positions [B, T], default 0..T-1; document ids [B, T] of a packed
+        window, default one document) -> representations [B, T, D]."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embedding(tokens)
-        return self.final_norm(self.encoder(x, SequenceContext(positions=positions)))
+        for embedding in self.input_embeddings:
+            x = x + embedding(tokens)
+        return self.final_norm(self.encoder(x, SequenceContext(positions=positions, doc_ids=doc_ids)))
 
     def predict(self, representations: Tensor) -> Tensor:
         return self.predictor(representations)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
         """Token ids [B, T] -> logits [B, T, vocab]."""
-        return self.predict(self.encode(tokens, positions))
+        return self.predict(self.encode(tokens, positions, doc_ids))

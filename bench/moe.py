@@ -1,0 +1,137 @@
+"""The MoE family on one GPU, side by side in one run; prints tables and writes JSON.
+
+    python bench/moe.py --out moe.json
+
+1. MoE layer forward+backward (bf16): grouped GEMM vs the per-expert loop, 8 and 16 experts, with a check
+   that both compute the same outputs.
+2. Whole model: specs/gpt5_moe.yaml training tokens/s vs a dense model of the same active parameter count
+   (a GELU MLP as wide as two experts) and the same attention.
+3. Long context: training tokens/s and peak memory at 8K and 32K tokens, local+global vs full causal.
+Training steps are bf16 autocast + fused AdamW over the model and CE loss (the objective's SIGReg term and
+Lightning are left out: they are the same for both arms and measured in bench/throughput.py).
+"""
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from soma_lightning import build_model, load_spec
+from soma_lightning.measure import count_parameters, train_flops_per_token
+from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.moe import MoE
+
+
+def timed(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def moe_layers(tokens: int, d: int, hidden: int, steps: int) -> list[dict]:
+    rows = []
+    for experts in (8, 16):
+        torch.manual_seed(0)
+        x = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ctx = SequenceContext(positions=torch.arange(tokens, device="cuda")[None])
+        outputs, times = {}, {}
+        for impl in ("loop", "grouped"):
+            torch.manual_seed(1)
+            moe = MoE(d, hidden, num_experts=experts, top_k=2, impl=impl).cuda().to(torch.bfloat16)
+
+            def step():
+                y = moe(x, ctx)
+                (y.float().square().mean() + moe.aux_loss).backward()
+                return y
+
+            outputs[impl] = step().detach().float()
+            times[impl] = timed(step, steps, 3)
+        err = ((outputs["grouped"] - outputs["loop"]).norm() / outputs["loop"].norm()).item()
+        rows.append({"experts": experts, "tokens": tokens, "loop_ms": times["loop"] * 1e3, "grouped_ms": times["grouped"] * 1e3,
+                     "speedup": times["loop"] / times["grouped"], "rel_err": err})
+    return rows
+
+
+def train_step_rate(arch, batch: int, seq_len: int, steps: int, doc_ids: bool = True) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build_model(arch, device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, 256, (batch, seq_len), device="cuda")
+    docs = (torch.arange(seq_len, device="cuda") // 3000).expand(batch, -1) if doc_ids else None
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens, doc_ids=docs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
+        loss = loss + sum(m.aux_loss for m in model.modules() if isinstance(m, MoE))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timed(step, steps, 3)
+    total, active = count_parameters(model)
+    flops = train_flops_per_token(model, seq_len)
+    del model, opt
+    return {"seconds": seconds, "tokens_per_s": batch * seq_len / seconds, "tflops": batch * seq_len * flops / seconds / 1e12,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "total_params": total, "active_params": active}
+
+
+def with_ffn(arch, ffn: dict):
+    arch = copy.deepcopy(arch)
+    arch.blocks["layer"][1]["ffn"] = ffn
+    return arch
+
+
+def with_attention(arch, **changes):
+    arch = copy.deepcopy(arch)
+    arch.blocks["layer"][0]["mixer"] = {**arch.blocks["layer"][0]["mixer"], **changes}
+    return arch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="specs/gpt5_moe.yaml")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default="moe.json")
+    args = p.parse_args()
+    result = {"device": torch.cuda.get_device_name()}
+
+    result["moe_layer"] = moe_layers(tokens=16384, d=1024, hidden=2048, steps=args.steps)
+    print(f"{'experts':>7} {'tokens':>7} {'loop ms':>8} {'grouped ms':>10} {'speedup':>8} {'rel err':>8}")
+    for r in result["moe_layer"]:
+        print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} {r['rel_err']:8.1e}")
+
+    moe = load_spec(args.config)
+    mixer_ffn = moe.blocks["layer"][1]["ffn"]
+    dense = with_ffn(moe, {"type": "gelu_mlp", "hidden_dim": mixer_ffn["top_k"] * 3 * mixer_ffn["hidden_dim"] // 2})
+    result["model"] = {name: train_step_rate(arch, 4, 8192, args.steps) for name, arch in (("moe", moe), ("dense, same active", dense))}
+    print(f"\n{'model (8K x 4)':20} {'total':>8} {'active':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>8}")
+    for name, r in result["model"].items():
+        print(f"{name:20} {r['total_params'] / 1e9:7.2f}B {r['active_params'] / 1e9:7.2f}B {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {r['peak_gib']:8.1f}")
+    print(f"moe / dense tokens/s: {result['model']['moe']['tokens_per_s'] / result['model']['dense, same active']['tokens_per_s']:.2f}")
+
+    result["long_context"] = []
+    print(f"\n{'context':>7} {'attention':14} {'tokens/s':>9} {'peak GiB':>8}")
+    for seq_len, batch in ((8192, 4), (32768, 1)):
+        for name, arch in (("local+global", moe), ("full causal", with_attention(moe, window=None, global_stride=None))):
+            try:
+                r = train_step_rate(arch, batch, seq_len, max(3, args.steps // 2), doc_ids=False)
+            except torch.OutOfMemoryError:
+                r = {"tokens_per_s": 0.0, "peak_gib": float("nan"), "oom": True}
+                torch.cuda.empty_cache()
+            result["long_context"].append({"seq_len": seq_len, "batch": batch, "attention": name, **r})
+            print(f"{seq_len:7d} {name:14} {r['tokens_per_s']:9.0f} {r['peak_gib']:8.1f}")
+    json.dump(result, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

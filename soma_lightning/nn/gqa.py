@@ -1,0 +1,162 @@
+"""Grouped-query causal attention with RoPE, optional QK-norm, and the long-context local + global pattern.
+
+Visibility of key k from query q (both positions in one packed window):
+    k <= q  and  (q - k < window  or  k % global_stride == 0)  and  doc[q] == doc[k]
+`window` None means unlimited; `global_stride` None means no global keys; without document ids every
+position is one document. On GPU the pattern runs as a FlexAttention block mask; the dense boolean mask
+(through SDPA, or the plain softmax reference) is its CPU reference.
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.rope import apply_rope, rope_angles
+
+
+def visible(q: Tensor, k: Tensor, window: int | None, global_stride: int | None) -> Tensor:
+    """The position part of the pattern for broadcastable index tensors q, k."""
+    allowed = k <= q
+    if window is not None:
+        near = q - k < window
+        if global_stride is not None:
+            near = near | (k % global_stride == 0)
+        allowed = allowed & near
+    return allowed
+
+
+def dense_mask(t: int, window: int | None, global_stride: int | None, doc_ids: Tensor | None, device: torch.device) -> Tensor:
+    """[B or 1, 1, T, T] boolean mask, True where attention is allowed."""
+    idx = torch.arange(t, device=device)
+    mask = visible(idx[:, None], idx[None, :], window, global_stride)[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask
+
+
+def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Plain softmax attention in float32 over [B, H, T, hd] with k/v already expanded to H heads."""
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+_compiled_flex = None
+
+
+def block_mask(t: int, window: int | None, global_stride: int | None, doc_ids: Tensor | None, device: torch.device):
+    """The pattern as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = visible(q_idx, kv_idx, window, global_stride)
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return allowed
+
+    return create_block_mask(mask_mod, len(doc_ids) if doc_ids is not None else None, None, t, t, device=device)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    if q.is_cuda and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    run = _compiled_flex if q.is_cuda else flex_attention
+    return run(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class GroupedQueryAttention(nn.Module):
+    """num_heads query heads share num_kv_heads key/value heads (num_heads % num_kv_heads == 0). impl "auto":
+    FlexAttention on CUDA when a window or document ids call for a mask, SDPA otherwise (FlexAttention has
+    no backward on CPU)."""
+
+    default_name = "attention"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        bias: bool = False,
+        rope_base: float = 10000.0,
+        window: int | None = None,
+        global_stride: int | None = None,
+        dropout: float = 0.0,
+        impl: Literal["auto", "sdpa", "flex", "reference"] = "auto",
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        head_dim = head_dim or d_model // num_heads
+        if head_dim % 2 or head_dim <= 0:
+            raise ValueError(f"head_dim: must be positive and even for RoPE, got {head_dim}")
+        for name, value in (("window", window), ("global_stride", global_stride)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be positive or null, got {value}")
+        if global_stride is not None and window is None:
+            raise ValueError("global_stride: global keys only make sense with a window")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_base, self.window, self.global_stride = rope_base, window, global_stride
+        self.dropout, self.impl = dropout, impl
+        self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
+        q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
+        y = self._attend(q, k, v, ctx)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
+        doc_ids = ctx.doc_ids
+        plain_causal = self.window is None and doc_ids is None
+        if self.impl == "flex" or (self.impl == "auto" and q.is_cuda and not plain_causal):
+            key = ("block_mask", self.window, self.global_stride)
+            if key not in ctx.cache:
+                ctx.cache[key] = block_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
+            return flex(q, k, v, ctx.cache[key])
+        groups = self.num_heads // self.num_kv_heads
+        if self.impl == "reference":
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            return masked_attention_reference(q, k, v, dense_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device))
+        p = self.dropout if self.training else 0.0
+        if plain_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=groups > 1)
+        mask = dense_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=groups > 1)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections plus QK^T and AV over the keys a query sees on average (window and global keys
+        counted for a full window without document breaks)."""
+        t, w, s = seq_len, self.window, self.global_stride
+        keys = (t + 1) / 2
+        if w is not None:
+            local = w * (w + 1) // 2 + (t - w) * w if t > w else t * (t + 1) // 2
+            far = 0
+            if s is not None and t > w:  # query q >= w also sees keys 0, s, 2s, ... <= q - w
+                m = t - w
+                full, rest = divmod(m, s)
+                far = m + s * full * (full - 1) // 2 + full * rest
+            keys = (local + far) / t
+        projections = 2 * (self.q_proj.weight.numel() + self.k_proj.weight.numel() + self.v_proj.weight.numel() + self.o_proj.weight.numel())
+        return projections + 2 * 2 * self.num_heads * self.head_dim * keys

@@ -1,0 +1,155 @@
+"""Mixture-of-experts FFN: a linear router, top-k routing, optional capacity with token dropping, and
+load balancing (Switch auxiliary loss, router z-loss, or the auxiliary-loss-free bias).
+
+Experts run either as one grouped GEMM over the tokens sorted by expert (`torch._grouped_mm`, bf16 on
+Hopper) or as a plain loop over experts; both compute the same function.
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soma_lightning.nn.context import SequenceContext
+
+
+def expert_loop(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, swiglu: bool) -> Tensor:
+    """Reference: rows of x are sorted by expert, counts[e] rows for expert e; one matmul pair per expert."""
+    outputs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        outputs.append(_activate(x[start : start + n] @ w_in[e], swiglu) @ w_out[e])
+        start += n
+    return torch.cat(outputs)
+
+
+def expert_grouped(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, swiglu: bool) -> Tensor:
+    """The same function as `expert_loop`, as two grouped GEMMs (no host synchronisation)."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    h = torch._grouped_mm(x, w_in, offs=offsets)
+    return torch._grouped_mm(_activate(h, swiglu), w_out, offs=offsets)
+
+
+def _activate(h: Tensor, swiglu: bool) -> Tensor:
+    if swiglu:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+class MoE(nn.Module):
+    """Top-k routed experts. `capacity_factor` None is dropless; otherwise each expert takes at most
+    ceil(capacity_factor * tokens * top_k / num_experts) assignments, earlier positions first (so that
+    dropping stays causal), and a dropped assignment contributes nothing. Balancing: "switch" adds
+    aux_loss_weight * E * sum_e(load_e * mean_prob_e); "aux_free" adds a per-expert bias to the selection
+    scores only, moved by bias_update_rate towards equal load after each training step (no gradient);
+    z_loss_weight * mean(logsumexp(logits)^2) in either case. After each forward, `aux_loss` holds the
+    loss to add and `stats` the routing statistics."""
+
+    default_name = "moe"
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_dim: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        activation: Literal["swiglu", "gelu"] = "swiglu",
+        renormalize: bool = True,
+        capacity_factor: float | None = None,
+        balance: Literal["switch", "aux_free", "none"] = "switch",
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        bias_update_rate: float = 0.001,
+        num_shared_experts: int = 0,
+        impl: Literal["auto", "loop", "grouped"] = "auto",
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts: must be at least 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: must be in 1..num_experts ({num_experts}), got {top_k}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor: must be positive or null (dropless), got {capacity_factor}")
+        if hidden_dim <= 0:
+            raise ValueError(f"hidden_dim: must be positive, got {hidden_dim}")
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.capacity_factor, self.balance = capacity_factor, balance
+        self.aux_loss_weight, self.z_loss_weight, self.bias_update_rate = aux_loss_weight, z_loss_weight, bias_update_rate
+        self.swiglu, self.impl = activation == "swiglu", impl
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        width_in = 2 * hidden_dim if self.swiglu else hidden_dim
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width_in))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, d_model))
+        self.shared_in = nn.Parameter(torch.empty(num_shared_experts, d_model, width_in))
+        self.shared_out = nn.Parameter(torch.empty(num_shared_experts, hidden_dim, d_model))
+        for w in (self.w_in, self.shared_in):
+            nn.init.uniform_(w, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
+        for w in (self.w_out, self.shared_out):
+            nn.init.uniform_(w, -1 / math.sqrt(hidden_dim), 1 / math.sqrt(hidden_dim))
+        self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
+        self.aux_loss: Tensor | None = None
+        self.stats: dict[str, Tensor] = {}
+
+    def _experts(self, x: Tensor, counts: Tensor) -> Tensor:
+        grouped = self.impl == "grouped" or (self.impl == "auto" and x.is_cuda and x.dtype == torch.bfloat16)
+        run = expert_grouped if grouped else expert_loop
+        return run(x, self.w_in.to(x.dtype), self.w_out.to(x.dtype), counts, self.swiglu)
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        b, t, d = x.shape
+        # Position-major order: every token at position <= p comes before any token at a later position.
+        flat = x.transpose(0, 1).reshape(t * b, d)
+        logits = self.router(flat).float()
+        probs = logits.softmax(dim=-1)
+        scores = probs + self.selection_bias if self.balance == "aux_free" else probs
+        expert = scores.topk(self.top_k, dim=-1).indices  # [N, k]
+        weight = probs.gather(-1, expert)
+        if self.renormalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+
+        expert_flat = expert.reshape(-1)  # assignment a = token * k + slot, in position-major order
+        assigned = torch.bincount(expert_flat, minlength=self.num_experts)
+        keep = torch.ones_like(expert_flat, dtype=torch.bool)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * expert_flat.numel() / self.num_experts)
+            one_hot = F.one_hot(expert_flat, self.num_experts)
+            rank = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # earlier assignments rank first
+            keep = rank < capacity
+        kept = torch.argsort(expert_flat, stable=True)  # grouped by expert, earlier assignments first
+        kept_counts = assigned
+        if self.capacity_factor is not None:
+            kept = kept[keep[kept]]
+            kept_counts = torch.bincount(expert_flat[keep], minlength=self.num_experts)
+        token = kept // self.top_k
+        y = self._experts(flat[token], kept_counts)
+        out = torch.zeros_like(flat).index_add_(0, token, y * weight.reshape(-1)[kept].unsqueeze(-1).to(y.dtype))
+        for w_in, w_out in zip(self.shared_in, self.shared_out):
+            out = out + _activate(flat @ w_in.to(flat.dtype), self.swiglu) @ w_out.to(flat.dtype)
+
+        load = assigned.float() / expert_flat.numel()
+        aux = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        if self.balance == "switch":
+            aux = aux + self.aux_loss_weight * self.num_experts * (load * probs.mean(dim=0)).sum()
+        self.aux_loss = aux
+        self.stats = {"tokens_per_expert": assigned.detach(), "dropped_fraction": 1 - keep.float().mean().detach()}
+        return out.view(t, b, d).transpose(0, 1)
+
+    @torch.no_grad()
+    def update_selection_bias(self) -> None:
+        """Aux-loss-free balancing (after an optimizer step): raise the bias of under-loaded experts, lower
+        that of over-loaded ones, by bias_update_rate."""
+        if self.balance != "aux_free" or "tokens_per_expert" not in self.stats:
+            return
+        load = self.stats["tokens_per_expert"].float()
+        self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+    def inactive_parameters(self) -> int:
+        per_expert = self.w_in[0].numel() + self.w_out[0].numel()
+        return (self.num_experts - self.top_k) * per_expert
+
+    def flops_per_token(self, seq_len: int) -> float:
+        per_expert = 2 * (self.w_in[0].numel() + self.w_out[0].numel())
+        shared = 2 * (self.shared_in.numel() + self.shared_out.numel())
+        return 2 * self.router.weight.numel() + self.top_k * per_expert + shared
