@@ -6,7 +6,8 @@
    that both compute the same outputs.
 2. Whole model: specs/gpt5_moe.yaml training tokens/s vs a dense model of the same active parameter count
    (a GELU MLP as wide as two experts) and the same attention.
-3. Long context: training tokens/s and peak memory at 8K and 32K tokens, local+global vs full causal.
+3. Long context: training tokens/s and peak memory at 8K and 32K tokens, local+global vs full causal, for
+   the whole model and for the attention op alone.
 Training steps are bf16 autocast + fused AdamW over the model and CE loss (the objective's SIGReg term and
 Lightning are left out: they are the same for both arms and measured in bench/throughput.py).
 """
@@ -36,9 +37,9 @@ def timed(fn, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def moe_layers(tokens: int, d: int, hidden: int, steps: int) -> list[dict]:
+def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int) -> list[dict]:
     rows = []
-    for experts in (8, 16):
+    for tokens, experts in ((t, e) for t in token_counts for e in (8, 16)):
         torch.manual_seed(0)
         x = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         ctx = SequenceContext(positions=torch.arange(tokens, device="cuda")[None])
@@ -85,6 +86,21 @@ def train_step_rate(arch, batch: int, seq_len: int, steps: int, doc_ids: bool = 
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "total_params": total, "active_params": active}
 
 
+def attention_ops(seq_len: int, steps: int) -> dict:
+    """The attention op alone, forward+backward, one sequence, 16 query / 4 KV heads of 64: FlexAttention
+    with the local 4096 + global 1024 block mask vs SDPA full causal (flash)."""
+    from soma_lightning.nn.gqa import block_mask, flex
+
+    q = torch.randn(1, 16, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 4, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    mask = block_mask(seq_len, 4096, 1024, None, q.device)
+    runs = {
+        "local+global (flex)": lambda: flex(q, k, v, mask).sum().backward(),
+        "full causal (sdpa)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward(),
+    }
+    return {name: timed(run, steps, 3) * 1e3 for name, run in runs.items()}
+
+
 def with_ffn(arch, ffn: dict):
     arch = copy.deepcopy(arch)
     arch.blocks["layer"][1]["ffn"] = ffn
@@ -105,7 +121,7 @@ def main() -> None:
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name()}
 
-    result["moe_layer"] = moe_layers(tokens=16384, d=1024, hidden=2048, steps=args.steps)
+    result["moe_layer"] = moe_layers((4096, 16384), d=1024, hidden=2048, steps=args.steps)
     print(f"{'experts':>7} {'tokens':>7} {'loop ms':>8} {'grouped ms':>10} {'speedup':>8} {'rel err':>8}")
     for r in result["moe_layer"]:
         print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} {r['rel_err']:8.1e}")
@@ -130,6 +146,11 @@ def main() -> None:
                 torch.cuda.empty_cache()
             result["long_context"].append({"seq_len": seq_len, "batch": batch, "attention": name, **r})
             print(f"{seq_len:7d} {name:14} {r['tokens_per_s']:9.0f} {r['peak_gib']:8.1f}")
+    result["attention_op_ms"] = {t: attention_ops(t, args.steps) for t in (8192, 32768)}
+    print(f"\n{'context':>7} {'attention op fwd+bwd':24} {'ms':>8}")
+    for t, r in result["attention_op_ms"].items():
+        for name, ms in r.items():
+            print(f"{t:7d} {name:24} {ms:8.2f}")
     json.dump(result, open(args.out, "w"), indent=1)
 
 

@@ -137,3 +137,14 @@ def test_counts_for_inspect():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         MoE(16, hidden_dim=8, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_moe_under_bf16_autocast_is_close_to_float32(impl):
+    moe = MoE(32, hidden_dim=32, num_experts=4, top_k=2, num_shared_experts=1, impl=impl)
+    x = torch.randn(2, 20, 32)
+    expected = moe(x, _ctx(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x, _ctx(x))
+    assert out.dtype == torch.float32
+    assert ((out - expected).norm() / expected.norm()).item() < 2e-2

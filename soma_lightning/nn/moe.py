@@ -123,10 +123,12 @@ class MoE(nn.Module):
             kept = kept[keep[kept]]
             kept_counts = torch.bincount(expert_flat[keep], minlength=self.num_experts)
         token = kept // self.top_k
-        y = self._experts(flat[token], kept_counts)
-        out = torch.zeros_like(flat).index_add_(0, token, y * weight.reshape(-1)[kept].unsqueeze(-1).to(y.dtype))
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        y = self._experts(flat[token].to(dtype), kept_counts)
+        out = torch.zeros_like(flat).index_add_(0, token, (y * weight.reshape(-1)[kept].unsqueeze(-1)).to(flat.dtype))
         for w_in, w_out in zip(self.shared_in, self.shared_out):
-            out = out + _activate(flat @ w_in.to(flat.dtype), self.swiglu) @ w_out.to(flat.dtype)
+            out = out + (_activate(flat.to(dtype) @ w_in.to(dtype), self.swiglu) @ w_out.to(dtype)).to(flat.dtype)
 
         load = assigned.float() / expert_flat.numel()
         aux = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
