@@ -134,7 +134,9 @@ class SomaLM(L.LightningModule):
             (decay if p.ndim >= 2 and not name.startswith("embedding") else no_decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda",
+            lr=o.lr, betas=o.betas, eps=o.eps,
+            # Lightning refuses gradient clipping with a fused optimizer under mixed precision.
+            fused=self.device.type == "cuda" and not self.trainer.gradient_clip_val,
         )
         total = max(self.trainer.max_steps, 1) if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
 
