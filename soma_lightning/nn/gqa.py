@@ -3,8 +3,9 @@
 Visibility of key k from query q (both positions in one packed window):
     k <= q  and  (q - k < window  or  k % global_stride == 0)  and  doc[q] == doc[k]
 `window` None means unlimited; `global_stride` None means no global keys; without document ids every
-position is one document. On GPU the pattern runs as a FlexAttention block mask; the dense boolean mask
-(through SDPA, or the plain softmax reference) is its CPU reference.
+position is one document. On GPU the pattern runs as a FlexAttention block mask, the strided global keys
+gathered into a compact prefix of the keys; the dense boolean mask (through SDPA, or the plain softmax
+reference) is its CPU reference.
 """
 
 import math
@@ -47,19 +48,49 @@ def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) ->
 
 
 _compiled_flex = None
+FLEX_BLOCK = 128  # FlexAttention's default block size
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _global_slots(t: int, global_stride: int) -> int:
+    """Room for the global keys 0, s, 2s, ... in front of the keys, padded to a whole block."""
+    return _ceil_div(_ceil_div(t, global_stride), FLEX_BLOCK) * FLEX_BLOCK
+
+
+def with_global_keys(k: Tensor, global_stride: int) -> Tensor:
+    """[..., T, hd] -> [..., G + T, hd]: the global keys (positions 0, s, 2s, ...) gathered into a
+    block-padded prefix, then all keys. The block mask reads the prefix for keys outside the window, so a
+    query visits one or two blocks of global keys instead of one block per global key."""
+    g = _global_slots(k.shape[-2], global_stride)
+    prefix = k[..., ::global_stride, :]
+    pad = k.new_zeros(*k.shape[:-2], g - prefix.shape[-2], k.shape[-1])
+    return torch.cat([prefix, pad, k], dim=-2)
 
 
 def block_mask(t: int, window: int | None, global_stride: int | None, doc_ids: Tensor | None, device: torch.device):
-    """The pattern as a FlexAttention BlockMask."""
+    """The pattern as a FlexAttention BlockMask over the keys `with_global_keys` lays out when there is a
+    global stride, over the plain keys otherwise."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    g = _global_slots(t, global_stride) if global_stride is not None else 0
+    n_global = _ceil_div(t, global_stride) if global_stride is not None else 0
+
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = visible(q_idx, kv_idx, window, global_stride)
+        if g:
+            is_global = kv_idx < g
+            k_pos = torch.where(is_global, kv_idx * global_stride, kv_idx - g)
+            allowed = torch.where(is_global, (kv_idx < n_global) & (q_idx - k_pos >= window), visible(q_idx, k_pos, window, None))
+        else:
+            k_pos = kv_idx
+            allowed = visible(q_idx, k_pos, window, None)
         if doc_ids is not None:
-            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, k_pos.clamp(max=t - 1)])
         return allowed
 
-    return create_block_mask(mask_mod, len(doc_ids) if doc_ids is not None else None, None, t, t, device=device)
+    return create_block_mask(mask_mod, len(doc_ids) if doc_ids is not None else None, None, t, g + t, device=device)
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
@@ -134,6 +165,8 @@ class GroupedQueryAttention(nn.Module):
             key = ("block_mask", self.window, self.global_stride)
             if key not in ctx.cache:
                 ctx.cache[key] = block_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
+            if self.global_stride is not None:
+                k, v = with_global_keys(k, self.global_stride), with_global_keys(v, self.global_stride)
             return flex(q, k, v, ctx.cache[key])
         groups = self.num_heads // self.num_kv_heads
         if self.impl == "reference":
