@@ -89,13 +89,13 @@ def train_step_rate(arch, batch: int, seq_len: int, steps: int, doc_ids: bool = 
 def attention_ops(seq_len: int, steps: int) -> dict:
     """The attention op alone, forward+backward, one sequence, 16 query / 4 KV heads of 64: FlexAttention
     with the local 4096 + global 1024 block mask vs SDPA full causal (flash)."""
-    from soma_lightning.nn.gqa import block_mask, flex
+    from soma_lightning.nn.gqa import block_mask, flex, with_global_keys
 
     q = torch.randn(1, 16, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 4, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     mask = block_mask(seq_len, 4096, 1024, None, q.device)
     runs = {
-        "local+global (flex)": lambda: flex(q, k, v, mask).sum().backward(),
+        "local+global (flex)": lambda: flex(q, with_global_keys(k, 1024), with_global_keys(v, 1024), mask).sum().backward(),
         "full causal (sdpa)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward(),
     }
     return {name: timed(run, steps, 3) * 1e3 for name, run in runs.items()}

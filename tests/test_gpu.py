@@ -32,3 +32,37 @@ def test_model_bf16_autocast_equals_float32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(tokens)
     assert _rel(out.float(), ref) < 1e-2
+
+
+@cuda
+def test_flex_local_global_with_documents_equals_dense_reference_values_and_gradients():
+    from soma_lightning.nn.context import SequenceContext
+    from soma_lightning.nn.gqa import GroupedQueryAttention
+
+    b, t = 2, 1024
+    x = torch.randn(b, t, 256, device="cuda")
+    starts = torch.rand(b, t, device="cuda") < 0.003
+    ctx = SequenceContext(positions=torch.arange(t, device="cuda").expand(b, -1), doc_ids=starts.long().cumsum(1))
+    results = {}
+    for impl in ("flex", "reference"):
+        torch.manual_seed(0)
+        attn = GroupedQueryAttention(256, num_heads=4, num_kv_heads=2, window=200, global_stride=64, impl=impl).cuda()
+        y = attn(x, SequenceContext(ctx.positions, ctx.doc_ids))
+        y.square().mean().backward()
+        results[impl] = (y.detach(), attn.q_proj.weight.grad)
+    assert _rel(results["flex"][0], results["reference"][0]) < 1e-3
+    assert _rel(results["flex"][1], results["reference"][1]) < 1e-3
+
+
+@cuda
+def test_moe_grouped_gemm_equals_loop_in_bf16():
+    from soma_lightning.nn.context import SequenceContext
+    from soma_lightning.nn.moe import MoE
+
+    x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16)
+    ctx = SequenceContext(positions=torch.arange(512, device="cuda").expand(2, -1))
+    outs = []
+    for impl in ("loop", "grouped"):
+        torch.manual_seed(0)
+        outs.append(MoE(256, 512, num_experts=16, top_k=2, impl=impl).cuda().to(torch.bfloat16)(x, ctx).float())
+    assert _rel(outs[1], outs[0]) < 1e-2
