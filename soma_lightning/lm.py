@@ -12,6 +12,7 @@ from soma_lightning.data_modules.contract import PAD
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
+from soma_lightning.token_space import check_token_ids
 from soma_lightning.v1 import ONCHAIN_SIGREG, arrgen_noise, load_canonical, onchain_batch_loss, read_canonical, target_nll
 
 Batch = dict[str, torch.Tensor]
@@ -58,6 +59,12 @@ class SomaLM(L.LightningModule):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, positions)
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Refuse ids outside the vocabulary or the declared token space here, with the id and its place,
+        instead of an index error deep inside the embedding."""
+        check_token_ids(batch["tokens"], self.arch.vocab_size, self.arch.vocab_ranges, "batch tokens")
+        return batch
 
     def _routed(self) -> list[MoE]:
         return [m for m in self.model.modules() if isinstance(m, MoE)]

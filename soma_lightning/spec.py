@@ -19,22 +19,23 @@ import yaml
 
 from soma_lightning.errors import UserError
 from soma_lightning.nn.attention import MultiHeadAttention
-from soma_lightning.nn.embedding import HashedNgramEmbedding
+from soma_lightning.nn.embedding import HashedNgramEmbedding, ModalityEmbedding
 from soma_lightning.nn.ffn import GeluMLP
 from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.model import Block, SomaModel, Sublayer
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.norm import layernorm, rmsnorm
+from soma_lightning.token_space import check_ranges
 
 REGISTRY: dict[str, dict[str, Callable[..., torch.nn.Module]]] = {
     "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention},
     "ffn": {"gelu_mlp": GeluMLP, "moe": MoE},
     "norm": {"layernorm": layernorm, "rmsnorm": rmsnorm},
-    "embedding": {"hashed_ngram": HashedNgramEmbedding},
+    "embedding": {"hashed_ngram": HashedNgramEmbedding, "modality": ModalityEmbedding},
 }
 
 # Arguments a component receives from the model level unless its own spec sets them.
-INHERITED = ("d_model", "dropout")
+INHERITED = ("d_model", "dropout", "vocab_ranges")
 
 
 class SpecError(UserError, ValueError):
@@ -52,7 +53,9 @@ class ModelSpec:
     block `pattern[i % len(pattern)]` (default: the blocks in the order written). A sublayer is
     `{norm: <norm or null>, mixer|ffn: <component>, name: <module name, optional>}`; a component is a
     registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`.
-    `input_embeddings`: embedding components added to the token embedding (e.g. hashed_ngram)."""
+    `input_embeddings`: embedding components added to the token embedding (e.g. hashed_ngram, modality).
+    `vocab_ranges`: the token space per modality, `{name: [start, end)}`; batches with ids outside every
+    range are refused when they arrive."""
 
     d_model: int
     n_layers: int
@@ -64,6 +67,7 @@ class ModelSpec:
     final_norm: str | dict[str, Any] = "layernorm"
     predictor_bias: bool = True
     input_embeddings: list[str | dict[str, Any]] = field(default_factory=list)
+    vocab_ranges: dict[str, list[int]] | None = None
 
 
 # ---------------------------------------------------------------- type checks with readable errors
@@ -205,6 +209,11 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
             raise SpecError(f"{path}.{key}: must be positive, got {getattr(spec, key)}")
     if not 0.0 <= spec.dropout < 1.0:
         raise SpecError(f"{path}.dropout: must be in [0, 1), got {spec.dropout}")
+    if spec.vocab_ranges is not None:
+        try:
+            check_ranges(spec.vocab_ranges, spec.vocab_size, f"{path}.vocab_ranges")
+        except ValueError as e:
+            raise SpecError(str(e)) from None
 
 
 def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:
@@ -241,7 +250,7 @@ def _plan(spec: ModelSpec, path: str) -> _Plan:
     for i, name in enumerate(pattern):
         if name not in spec.blocks:
             raise SpecError(f"{path}.pattern[{i}]: unknown block {name!r}; valid: {', '.join(spec.blocks)}")
-    inherited = {"d_model": spec.d_model, "dropout": spec.dropout}
+    inherited = {"d_model": spec.d_model, "dropout": spec.dropout, "vocab_ranges": spec.vocab_ranges}
     blocks = {}
     for block_name, sublayers in spec.blocks.items():
         bpath = f"{path}.blocks.{block_name}"

@@ -45,7 +45,7 @@ CASES = {
             {"hidden_dim": 16, "num_experts": 4, "top_k": 2, "capacity_factor": 1.0, "impl": "grouped", "activation": "gelu"},
         ],
     },
-    "embedding": {"hashed_ngram": [{"ngram_sizes": [2, 3], "num_tables": 2, "buckets": 97}]},
+    "embedding": {"hashed_ngram": [{"ngram_sizes": [2, 3], "num_tables": 2, "buckets": 97}], "modality": [{}]},
 }
 
 
@@ -59,6 +59,7 @@ def test_every_registered_component_is_causal(kind, name, args):
     arch = tiny_v1_arch()
     if kind == "embedding":
         arch["input_embeddings"] = [{"type": name, **args}]
+        arch["vocab_ranges"] = {"bytes": [0, 128], "high": [128, 256], "specials": [256, 264]}
     else:
         arch["blocks"]["layer"][0 if kind == "mixer" else 1][kind] = {"type": name, **args}
     _assert_causal(build_model(arch))

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor, nn
 
+from soma_lightning.token_space import modality_of
+
 _PRIME = 2_147_483_647  # 2^31 - 1: products below stay inside int64
 _MULTIPLIERS = (1_000_003, 998_244_353 % _PRIME, 911_382_323, 972_663_749, 1_234_567_891 % _PRIME, 1_610_612_741 % _PRIME, 805_306_457, 402_653_189)
 
@@ -40,3 +42,18 @@ class HashedNgramEmbedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return sum(table(ids) for table, ids in zip(self.tables, self.bucket_ids(tokens)))
+
+
+class ModalityEmbedding(nn.Module):
+    """A learned vector per declared vocabulary range (model.arch.vocab_ranges), added to every token of it."""
+
+    def __init__(self, d_model: int, vocab_ranges: dict[str, list[int]] | None = None) -> None:
+        super().__init__()
+        if not vocab_ranges:
+            raise ValueError("vocab_ranges: the modality embedding needs model.arch.vocab_ranges")
+        self.ranges = dict(vocab_ranges)
+        self.table = nn.Embedding(len(self.ranges), d_model)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.table(modality_of(tokens, self.ranges))
