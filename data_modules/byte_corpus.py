@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from soma_lightning.data_modules.contract import EOS, PAD, tokenize
+from soma_lightning.data_modules.structure import batch_structure
 from soma_lightning.errors import UserError
 
 EMBEDDED = "tinyshakespeare"
@@ -70,6 +71,14 @@ def document_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(after_eos[..., :1]), after_eos[..., :-1]], dim=-1)
 
 
+ANNOTATIONS = {"doc_ids": document_ids, "structure": batch_structure}
+
+
+def annotate(batch: dict[str, torch.Tensor], annotations: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Add per-token annotations computed from the batch's tokens."""
+    return batch | {name: ANNOTATIONS[name](batch["tokens"]) for name in annotations}
+
+
 class RandomWindows(IterableDataset):
     """An endless stream of training batches. Global batch b is a deterministic function of (seed, b):
     world_size * batch_size windows at offsets drawn from numpy's generator seeded with [seed, b]; this rank
@@ -77,12 +86,13 @@ class RandomWindows(IterableDataset):
     PAD appended, positions the global offsets. Iteration starts at `start_batch` (the data position)."""
 
     def __init__(
-        self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1, with_doc_ids: bool = False
+        self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+        annotations: tuple[str, ...] = (),
     ) -> None:
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
-        self.with_doc_ids = with_doc_ids
+        self.annotations = annotations
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, b])
@@ -91,10 +101,7 @@ class RandomWindows(IterableDataset):
         positions = mine.unsqueeze(1) + torch.arange(self.seq_len)
         tokens = self.stream[positions]
         targets = torch.cat([tokens[:, 1:], torch.full((len(tokens), 1), PAD)], dim=1)
-        batch = {"tokens": tokens, "targets": targets, "positions": positions}
-        if self.with_doc_ids:
-            batch["doc_ids"] = document_ids(tokens)
-        return batch
+        return annotate({"tokens": tokens, "targets": targets, "positions": positions}, self.annotations)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -106,10 +113,8 @@ class RandomWindows(IterableDataset):
 class ContractChunks(torch.utils.data.Dataset):
     """A token stream cut into the contract's rows (tokenize), one row per item."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, with_doc_ids: bool = False) -> None:
-        self.rows = tokenize(torch.from_numpy(stream.astype(np.int64)), seq_len)
-        if with_doc_ids:
-            self.rows["doc_ids"] = document_ids(self.rows["tokens"])
+    def __init__(self, stream: np.ndarray, seq_len: int, annotations: tuple[str, ...] = ()) -> None:
+        self.rows = annotate(tokenize(torch.from_numpy(stream.astype(np.int64)), seq_len), annotations)
 
     def __len__(self) -> int:
         return len(self.rows["tokens"])
@@ -126,7 +131,8 @@ class ByteCorpus(L.LightningDataModule):
     split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`; validation and test cut
     their stream into the V1 contract's non-overlapping chunks of `val_seq_len`, batches of `val_batch_size`.
     `doc_ids`: batches also carry each position's document index (documents are joined by EOS), so that
-    attention stays inside a document.
+    attention stays inside a document; `structure`: each position's enclosing spans (data_modules/structure.py)
+    for the structural attention bias.
     """
 
     def __init__(
@@ -144,6 +150,7 @@ class ByteCorpus(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         doc_ids: bool = False,
+        structure: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_seq_len", val_seq_len), ("val_batch_size", val_batch_size)):
@@ -158,7 +165,8 @@ class ByteCorpus(L.LightningDataModule):
         self.val_fraction, self.hf_format, self.text_column = val_fraction, hf_format, text_column
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_seq_len, self.val_batch_size = val_seq_len, val_batch_size
-        self.seed, self.num_workers, self.doc_ids = seed, num_workers, doc_ids
+        self.seed, self.num_workers = seed, num_workers
+        self.annotations = tuple(name for name, on in (("doc_ids", doc_ids), ("structure", structure)) if on)
         self.train_stream: np.ndarray | None = None
 
     def _read(self, source: str, key: str) -> np.ndarray:
@@ -187,11 +195,11 @@ class ByteCorpus(L.LightningDataModule):
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        windows = RandomWindows(self.train_stream, self.seq_len, self.batch_size, self.seed, start, rank, world, self.doc_ids)
+        windows = RandomWindows(self.train_stream, self.seq_len, self.batch_size, self.seed, start, rank, world, self.annotations)
         return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
     def _chunks(self, stream: np.ndarray) -> DataLoader:
-        return DataLoader(ContractChunks(stream, self.val_seq_len, self.doc_ids), batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return DataLoader(ContractChunks(stream, self.val_seq_len, self.annotations), batch_size=self.val_batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._chunks(self.val_stream)

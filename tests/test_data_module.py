@@ -111,3 +111,14 @@ def test_document_ids_grow_after_each_eos(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert torch.equal(batch["doc_ids"], document_ids(batch["tokens"]))
     assert "doc_ids" in next(iter(dm.val_dataloader()))
+
+
+def test_structure_annotation(tmp_path):
+    from soma_lightning.data_modules.structure import batch_structure
+
+    _text(tmp_path, "code.py", "def f(x):\n    return (x + 1)\n" * 20)
+    dm = ByteCorpus(source=str(tmp_path / "code.py"), seq_len=32, batch_size=2, val_seq_len=32, structure=True)
+    dm.setup("fit")
+    for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
+        assert torch.equal(batch["structure"], batch_structure(batch["tokens"]))
+        assert batch["structure"].shape == (*batch["tokens"].shape, 8)

@@ -9,4 +9,5 @@ class SequenceContext:
 
     positions: Tensor  # [B, T] integer positions (RoPE reads them)
     doc_ids: Tensor | None = None  # [B, T] document index within a packed window; attention stays inside one
+    structure: Tensor | None = None  # [B, T, L] enclosing-span starts per position (data_modules/structure.py)
     cache: dict = field(default_factory=dict)  # built once per forward, shared by layers (e.g. attention masks)

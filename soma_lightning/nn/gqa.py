@@ -39,10 +39,29 @@ def dense_mask(t: int, window: int | None, global_stride: int | None, doc_ids: T
     return mask
 
 
-def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def tree_distance(structure: Tensor) -> Tensor:
+    """[B, T, L] enclosing-span starts (outermost first, -1 past the depth) -> [B, T, T]: steps from one
+    position's innermost span to the other's through their deepest common span (0 within one span)."""
+    valid = structure >= 0
+    depth = valid.sum(-1)
+    same = (structure[:, :, None, :] == structure[:, None, :, :]) & valid[:, :, None, :]
+    common = same.long().cumprod(dim=-1).sum(dim=-1)
+    return depth[:, :, None] + depth[:, None, :] - 2 * common
+
+
+def structure_bias(table: Tensor, structure: Tensor) -> Tensor:
+    """[H, buckets] learned bias, [B, T, L] structure -> [B, H, T, T], the tree distance clipped to the last
+    bucket."""
+    bucket = tree_distance(structure).clamp(max=table.shape[1] - 1)
+    return table[:, bucket].permute(1, 0, 2, 3)
+
+
+def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
     """Plain softmax attention in float32 over [B, H, T, hd] with k/v already expanded to H heads."""
     with torch.autocast(q.device.type, enabled=False):
         scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias.float()
         scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
@@ -93,20 +112,41 @@ def block_mask(t: int, window: int | None, global_stride: int | None, doc_ids: T
     return create_block_mask(mask_mod, len(doc_ids) if doc_ids is not None else None, None, t, g + t, device=device)
 
 
-def flex(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | None):
+    """`structure_bias` as a FlexAttention score_mod, over the key layout of `block_mask`."""
+    t, levels = structure.shape[1], structure.shape[2]
+    depth = (structure >= 0).sum(-1)
+    g = _global_slots(t, global_stride) if global_stride is not None else 0
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        k_pos = torch.where(kv_idx < g, kv_idx * global_stride, kv_idx - g) if g else kv_idx
+        k_pos = k_pos.clamp(max=t - 1)
+        common, run = 0, True
+        for level in range(levels):
+            run = run & (structure[b, q_idx, level] == structure[b, k_pos, level]) & (structure[b, q_idx, level] >= 0)
+            common = common + run
+        distance = depth[b, q_idx] + depth[b, k_pos] - 2 * common
+        return score + table[h, distance.clamp(max=table.shape[1] - 1)]
+
+    return score_mod
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     if q.is_cuda and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     run = _compiled_flex if q.is_cuda else flex_attention
-    return run(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return run(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class GroupedQueryAttention(nn.Module):
     """num_heads query heads share num_kv_heads key/value heads (num_heads % num_kv_heads == 0). impl "auto":
-    FlexAttention on CUDA when a window or document ids call for a mask, SDPA otherwise (FlexAttention has
-    no backward on CPU)."""
+    FlexAttention on CUDA when a window, document ids or the structural bias call for it, SDPA otherwise
+    (FlexAttention has no backward on CPU). `structure_buckets`: add a learned per-head bias indexed by the
+    tree distance between query and key (from the batch's `structure`, see data_modules/structure.py),
+    distances from structure_buckets - 1 on sharing the last bucket."""
 
     default_name = "attention"
 
@@ -121,11 +161,14 @@ class GroupedQueryAttention(nn.Module):
         rope_base: float = 10000.0,
         window: int | None = None,
         global_stride: int | None = None,
+        structure_buckets: int | None = None,
         dropout: float = 0.0,
         impl: Literal["auto", "sdpa", "flex", "reference"] = "auto",
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
+        if structure_buckets is not None and structure_buckets < 2:
+            raise ValueError(f"structure_buckets: need at least 2 buckets or null, got {structure_buckets}")
         if num_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         head_dim = head_dim or d_model // num_heads
@@ -145,6 +188,8 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        # Graphormer-style spatial encoding: a learned bias per head and bucketed tree distance.
+        self.structure_bias = nn.Parameter(torch.zeros(num_heads, structure_buckets)) if structure_buckets else None
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         b, t, _ = x.shape
@@ -160,22 +205,31 @@ class GroupedQueryAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
         doc_ids = ctx.doc_ids
-        plain_causal = self.window is None and doc_ids is None
+        if self.structure_bias is not None and ctx.structure is None:
+            raise ValueError("structure_buckets is set, but the batch carries no `structure` (data.init_args.structure: true)")
+        plain_causal = self.window is None and doc_ids is None and self.structure_bias is None
         if self.impl == "flex" or (self.impl == "auto" and q.is_cuda and not plain_causal):
             key = ("block_mask", self.window, self.global_stride)
             if key not in ctx.cache:
                 ctx.cache[key] = block_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
             if self.global_stride is not None:
                 k, v = with_global_keys(k, self.global_stride), with_global_keys(v, self.global_stride)
-            return flex(q, k, v, ctx.cache[key])
+            score_mod = None
+            if self.structure_bias is not None:
+                score_mod = structure_score_mod(self.structure_bias, ctx.structure, self.global_stride)
+            return flex(q, k, v, ctx.cache[key], score_mod)
         groups = self.num_heads // self.num_kv_heads
+        bias = structure_bias(self.structure_bias, ctx.structure) if self.structure_bias is not None else None
         if self.impl == "reference":
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            return masked_attention_reference(q, k, v, dense_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device))
+            mask = dense_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
+            return masked_attention_reference(q, k, v, mask, bias)
         p = self.dropout if self.training else 0.0
         if plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=groups > 1)
         mask = dense_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
+        if bias is not None:
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=groups > 1)
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -72,19 +72,20 @@ class SomaModel(nn.Module):
         self.final_norm = final_norm
         self.predictor = nn.Linear(d_model, vocab_size, bias=predictor_bias)
 
-    def encode(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+    def encode(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None, structure: Tensor | None = None) -> Tensor:
         """Token ids [B, T] (integer positions [B, T], default 0..T-1; document ids [B, T] of a packed
-        window, default one document) -> representations [B, T, D]."""
+        window, default one document; per-token structure [B, T, L] for mixers that read it) ->
+        representations [B, T, D]."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embedding(tokens)
         for embedding in self.input_embeddings:
             x = x + embedding(tokens)
-        return self.final_norm(self.encoder(x, SequenceContext(positions=positions, doc_ids=doc_ids)))
+        return self.final_norm(self.encoder(x, SequenceContext(positions=positions, doc_ids=doc_ids, structure=structure)))
 
     def predict(self, representations: Tensor) -> Tensor:
         return self.predictor(representations)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None, structure: Tensor | None = None) -> Tensor:
         """Token ids [B, T] -> logits [B, T, vocab]."""
-        return self.predict(self.encode(tokens, positions, doc_ids))
+        return self.predict(self.encode(tokens, positions, doc_ids, structure))
