@@ -8,8 +8,9 @@
    (a GELU MLP as wide as two experts) and the same attention.
 3. Long context: training tokens/s and peak memory at 8K and 32K tokens, local+global vs full causal, for
    the whole model and for the attention op alone.
-Training steps are bf16 autocast + fused AdamW over the model and CE loss (the objective's SIGReg term and
-Lightning are left out: they are the same for both arms and measured in bench/throughput.py).
+Training steps are bf16 autocast + fused AdamW over the model and CE loss on tiny-Shakespeare windows with
+their structure (the objective's SIGReg term and Lightning are left out: they are the same for both arms and
+measured in bench/throughput.py).
 """
 
 import argparse
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from soma_lightning import build_model, load_spec
+from soma_lightning.data_modules.structure import batch_structure
 from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
@@ -66,12 +68,15 @@ def train_step_rate(arch, batch: int, seq_len: int, steps: int, doc_ids: bool = 
     torch.cuda.reset_peak_memory_stats()
     model = build_model(arch, device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, 256, (batch, seq_len), device="cuda")
+    text = open("soma_lightning/corpora/tinyshakespeare.txt", "rb").read()
+    tokens = torch.tensor([list(text[i * seq_len : (i + 1) * seq_len]) for i in range(batch)])
+    structure = batch_structure(tokens).cuda()
+    tokens = tokens.cuda()
     docs = (torch.arange(seq_len, device="cuda") // 3000).expand(batch, -1) if doc_ids else None
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens, doc_ids=docs)
+            logits = model(tokens, doc_ids=docs, structure=structure)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
         loss = loss + sum(m.aux_loss for m in model.modules() if isinstance(m, MoE))
         loss.backward()
