@@ -112,21 +112,28 @@ def block_mask(t: int, window: int | None, global_stride: int | None, doc_ids: T
     return create_block_mask(mask_mod, len(doc_ids) if doc_ids is not None else None, None, t, g + t, device=device)
 
 
+BIAS_REPLICAS = 128  # copies of the bias table, read by query position, so its gradient is not one hot spot
+
+
 def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | None):
-    """`structure_bias` as a FlexAttention score_mod, over the key layout of `block_mask`."""
+    """`structure_bias` as a FlexAttention score_mod, over the key layout of `block_mask`. For a visible
+    key k <= q, the spans q and k share are exactly q's spans that start at or before k (spans are
+    intervals), so the score reads q's span starts and k's depth only. The table is read through
+    BIAS_REPLICAS copies: their gradients sum into it, spreading the atomic adds of the backward pass."""
     t, levels = structure.shape[1], structure.shape[2]
     depth = (structure >= 0).sum(-1)
     g = _global_slots(t, global_stride) if global_stride is not None else 0
+    copies = table.unsqueeze(-1).expand(*table.shape, BIAS_REPLICAS)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         k_pos = torch.where(kv_idx < g, kv_idx * global_stride, kv_idx - g) if g else kv_idx
         k_pos = k_pos.clamp(max=t - 1)
-        common, run = 0, True
+        common = 0
         for level in range(levels):
-            run = run & (structure[b, q_idx, level] == structure[b, k_pos, level]) & (structure[b, q_idx, level] >= 0)
-            common = common + run
+            start = structure[b, q_idx, level]
+            common = common + ((start >= 0) & (start <= k_pos))
         distance = depth[b, q_idx] + depth[b, k_pos] - 2 * common
-        return score + table[h, distance.clamp(max=table.shape[1] - 1)]
+        return score + copies[h, distance.clamp(max=table.shape[1] - 1), q_idx % BIAS_REPLICAS]
 
     return score_mod
 
