@@ -132,8 +132,8 @@ def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | N
         for level in range(levels):
             start = structure[b, q_idx, level]
             common = common + ((start >= 0) & (start <= k_pos))
-        distance = depth[b, q_idx] + depth[b, k_pos] - 2 * common
-        return score + copies[h, distance.clamp(max=table.shape[1] - 1), q_idx % BIAS_REPLICAS]
+        distance = depth[b, q_idx] + depth[b, k_pos] - 2 * common  # negative only for masked keys k > q
+        return score + copies[h, distance.clamp(0, table.shape[1] - 1), q_idx % BIAS_REPLICAS]
 
     return score_mod
 
