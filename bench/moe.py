@@ -107,14 +107,22 @@ def attention_ops(seq_len: int, steps: int) -> dict:
 
 
 def with_ffn(arch, ffn: dict):
+    """The spec with every block's FFN sublayer replaced."""
     arch = copy.deepcopy(arch)
-    arch.blocks["layer"][1]["ffn"] = ffn
+    for sublayers in arch.blocks.values():
+        for sub in sublayers:
+            if "ffn" in sub:
+                sub["ffn"] = ffn
     return arch
 
 
 def with_attention(arch, **changes):
+    """The spec with `changes` applied to every block's mixer."""
     arch = copy.deepcopy(arch)
-    arch.blocks["layer"][0]["mixer"] = {**arch.blocks["layer"][0]["mixer"], **changes}
+    for sublayers in arch.blocks.values():
+        for sub in sublayers:
+            if "mixer" in sub:
+                sub["mixer"] = {**sub["mixer"], **changes}
     return arch
 
 
@@ -132,7 +140,7 @@ def main() -> None:
         print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} {r['rel_err']:8.1e}")
 
     moe = load_spec(args.config)
-    mixer_ffn = moe.blocks["layer"][1]["ffn"]
+    mixer_ffn = moe.blocks["layer"][1]["ffn"]  # the MoE of the spec's first block
     dense = with_ffn(moe, {"type": "gelu_mlp", "hidden_dim": mixer_ffn["top_k"] * 3 * mixer_ffn["hidden_dim"] // 2})
     result["model"] = {name: train_step_rate(arch, 4, 8192, args.steps) for name, arch in (("moe", moe), ("dense, same active", dense))}
     print(f"\n{'model (8K x 4)':20} {'total':>8} {'active':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>8}")
