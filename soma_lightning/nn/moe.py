@@ -111,15 +111,14 @@ class MoE(nn.Module):
 
         expert_flat = expert.reshape(-1)  # assignment a = token * k + slot, in position-major order
         assigned = torch.bincount(expert_flat, minlength=self.num_experts)
+        kept = torch.argsort(expert_flat, stable=True)  # grouped by expert, earlier assignments first
+        kept_counts = assigned
         keep = torch.ones_like(expert_flat, dtype=torch.bool)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * expert_flat.numel() / self.num_experts)
             one_hot = F.one_hot(expert_flat, self.num_experts)
             rank = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # earlier assignments rank first
             keep = rank < capacity
-        kept = torch.argsort(expert_flat, stable=True)  # grouped by expert, earlier assignments first
-        kept_counts = assigned
-        if self.capacity_factor is not None:
             kept = kept[keep[kept]]
             kept_counts = torch.bincount(expert_flat[keep], minlength=self.num_experts)
         token = kept // self.top_k
