@@ -111,3 +111,17 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_throughput_callback_logs_tokens_and_flops(tmp_path):
+    callback = {"class_path": "soma_lightning.callbacks.Throughput", "init_args": {"window": 2}}
+    cli_main(["fit", "--config", str(_config(tmp_path, "speed", 5)), f"--trainer.callbacks=[{json.dumps(callback)}]"])
+    rows = [r for r in csv.DictReader(open(tmp_path / "runs/speed/version_0/metrics.csv")) if r.get("train/tokens_per_s")]
+    assert len(rows) >= 3 and all(float(r["train/tokens_per_s"]) > 0 and float(r["train/tflops"]) > 0 for r in rows)
+    assert not any(r.get("train/mfu") for r in rows)  # no peak is known for a CPU
+    from soma_lightning import build_model
+    from soma_lightning.measure import train_flops_per_token
+
+    expected = train_flops_per_token(build_model(tiny_v1_arch(d_model=32, hidden_dim=64)), 32)
+    for r in rows:
+        assert float(r["train/tflops"]) * 1e12 / float(r["train/tokens_per_s"]) == pytest.approx(expected, rel=1e-5)
