@@ -23,6 +23,14 @@ from soma_lightning.spec import build_model, load_spec
 from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, save_canonical, score
 
 
+DESCRIPTION = (
+    "soma-lightning: train, validate, test and predict with a spec (LightningCLI subcommands below). "
+    "Also: `soma-lightning inspect --config SPEC` (parameters, FLOPs, block pattern), "
+    "`soma-lightning export --ckpt RUN --out FILE` and `soma-lightning score --weights FILE --data PATH` "
+    "(SOMA V1 canonical weights and the on-chain loss); each has --help."
+)
+
+
 class SomaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -58,7 +66,7 @@ def cli_main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
         args=args,
     )
 
