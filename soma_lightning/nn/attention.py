@@ -11,15 +11,21 @@ from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.rope import apply_rope, rope_angles
 
 
-def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Plain softmax attention over [B, H, T, hd], the causal mask filled with finfo(float32).min, in float32
-    (also under autocast)."""
+def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Plain softmax attention over [B, H, T, hd] (k/v with as many heads as q), in float32 also under
+    autocast: scores / sqrt(hd) (+ bias), positions outside `mask` filled with finfo(float32).min."""
     with torch.autocast(q.device.type, enabled=False):
         scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-        t = q.shape[-2]
-        visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+        if bias is not None:
+            scores = scores + bias.float()
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The reference's causal attention (query i sees keys j <= i)."""
+    t = q.shape[-2]
+    return masked_attention_reference(q, k, v, torch.ones(t, t, dtype=torch.bool, device=q.device).tril())
 
 
 class MultiHeadAttention(nn.Module):

@@ -8,13 +8,13 @@ gathered into a compact prefix of the keys; the dense boolean mask (through SDPA
 reference) is its CPU reference.
 """
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.rope import apply_rope, rope_angles
 
@@ -54,16 +54,6 @@ def structure_bias(table: Tensor, structure: Tensor) -> Tensor:
     bucket."""
     bucket = tree_distance(structure).clamp(max=table.shape[1] - 1)
     return table[:, bucket].permute(1, 0, 2, 3)
-
-
-def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Plain softmax attention in float32 over [B, H, T, hd] with k/v already expanded to H heads."""
-    with torch.autocast(q.device.type, enabled=False):
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if bias is not None:
-            scores = scores + bias.float()
-        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
 _compiled_flex = None
