@@ -19,7 +19,7 @@ from soma_lightning.data_modules.byte_corpus import source_files
 from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
-from soma_lightning.spec import build_model, load_spec
+from soma_lightning.spec import SpecError, build_model, load_spec
 from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, save_canonical, score
 
 
@@ -209,5 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         if cause is None:
             raise
         message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+        configs = [value for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
+        if isinstance(cause, SpecError) and configs and not message.startswith(tuple(configs)):
+            message += f" (in {' + '.join(configs)})"
         print(f"soma-lightning: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -153,7 +153,9 @@ def test_cli_spec_error_is_one_line(tmp_path):
         out = _cli(*command)
         assert out.returncode == 2, out.stderr
         last = out.stderr.strip().splitlines()[-1]
-        assert last == f"soma-lightning: error: {'' if command[0] == 'fit' else str(path) + ': '}model.arch.blocks.layer[0].mixer.num_heads: d_model 128 is not divisible by num_heads 3", out.stderr
+        error = "model.arch.blocks.layer[0].mixer.num_heads: d_model 128 is not divisible by num_heads 3"
+        expected = f"{error} (in {path})" if command[0] == "fit" else f"{path}: {error}"
+        assert last == f"soma-lightning: error: {expected}", out.stderr
         assert "Traceback" not in out.stderr
 
 
