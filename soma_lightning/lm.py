@@ -66,11 +66,15 @@ class SomaLM(L.LightningModule):
         check_token_ids(batch["tokens"], self.arch.vocab_size, self.arch.vocab_ranges, "batch tokens")
         return batch
 
+    def _encode(self, batch: Batch) -> torch.Tensor:
+        """Representations of a batch, with the per-token annotations it carries (doc_ids, structure)."""
+        return self.model.encode(batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure"))
+
     def _routed(self) -> list[MoE]:
         return [m for m in self.model.modules() if isinstance(m, MoE)]
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        reps = self.model.encode(batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure"))
+        reps = self._encode(batch)
         ce = F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
         noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
         sig = sigreg_statistic(reps, noise.to(self.device), self.sigreg.t_max, self.sigreg.points)
@@ -95,7 +99,7 @@ class SomaLM(L.LightningModule):
             m.update_selection_bias()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        reps = self.model.encode(batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure"))
+        reps = self._encode(batch)
         nll = target_nll(self.model.predict(reps), batch["targets"])
         n = (batch["targets"] != PAD).sum()
         seed = self.noise_seed + batch_idx
@@ -131,7 +135,7 @@ class SomaLM(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-row NLL sum (nats) over non-PAD targets and the number of such targets."""
-        nll = target_nll(self.model(batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure")), batch["targets"])
+        nll = target_nll(self.model.predict(self._encode(batch)), batch["targets"])
         return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != PAD).sum(dim=1)}
 
     def configure_optimizers(self):
