@@ -22,7 +22,7 @@ from soma_lightning.data_modules.contract import PAD, tokenize
 from soma_lightning.errors import UserError
 from soma_lightning.nn.model import SomaModel
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
-from soma_lightning.spec import ModelSpec, build_model
+from soma_lightning.spec import ModelSpec, SpecError, build_model
 
 V1_NUM_HEADS = 8
 ONCHAIN_SIGREG = SIGRegConfig()  # 0.02, 256 slices, 17 points, t_max 3: fixed in ModelRunner::new
@@ -164,9 +164,10 @@ def model_from_canonical(path: str | os.PathLike, num_heads: int = V1_NUM_HEADS,
     reference, bitwise the reference scorer's arithmetic on CPU; "sdpa" is faster and agrees to ~1e-5."""
     tensors = read_canonical(path)
     d_model, n_layers, hidden_dim, vocab = dims_of(tensors, str(path))
-    if d_model % num_heads or (d_model // num_heads) % 2:
-        raise WeightsError(f"--num-heads: {num_heads} does not split d_model {d_model} (read from {path}) into even head dims")
-    model = build_model(v1_spec(d_model, n_layers, hidden_dim, num_heads, vocab, attention=attention))
+    try:
+        model = build_model(v1_spec(d_model, n_layers, hidden_dim, num_heads, vocab, attention=attention))
+    except SpecError as e:  # the attention's own check of the head count, for d_model read from the file
+        raise WeightsError(f"--num-heads {num_heads} with d_model {d_model} from {path}: {e}") from None
     load_canonical(model, tensors, str(path))
     return model.to(device).eval()
 

@@ -236,3 +236,11 @@ def test_sdpa_attention_scores_within_float_tolerance_of_reference(reference_fil
     exact, _ = score(model_from_canonical(path, heads, attention="reference"), data)
     fast, _ = score(model_from_canonical(path, heads, attention="sdpa"), data)
     assert fast.loss == pytest.approx(exact.loss, rel=1e-4)
+
+
+def test_score_head_count_that_does_not_split_d_model_is_one_line(reference_file):
+    _, path, _ = reference_file
+    out = _cli("score", "--weights", str(path), "--data", __file__, "--num-heads", "3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("soma-lightning: error: --num-heads 3 with d_model") and "not divisible by num_heads 3" in last
