@@ -16,7 +16,6 @@ measured in bench/throughput.py).
 import argparse
 import copy
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +26,7 @@ from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
 
-
-def timed(fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+from cuda_timing import timed
 
 
 def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int) -> list[dict]:
