@@ -77,7 +77,11 @@ def inspect_spec(config: str) -> dict:
     spec = load_spec(config)
     model = build_model(spec, device="meta")
     total, active = count_parameters(model)
-    layers = [[f"{norm or '-'} > {name}:{type(layer.get_submodule(name)).__name__}" for norm, name in layer.order] for layer in model.encoder.layers]
+    def describe(block) -> list[str]:
+        return [f"{norm or '-'} > {name}:{type(block.get_submodule(name)).__name__}" for norm, name in block.order]
+
+    layers = [describe(layer) for layer in model.encoder.layers]
+    mtp = [describe(depth.block) for depth in model.mtp.depths] if model.mtp is not None else []
     return {
         "config": config,
         "total_parameters": total,
@@ -89,6 +93,7 @@ def inspect_spec(config: str) -> dict:
         "d_model": spec.d_model,
         "vocab_size": spec.vocab_size,
         "layers": layers,
+        "sequential_mtp": mtp,
     }
 
 
@@ -107,6 +112,8 @@ def _print_inspection(info: dict) -> None:
     for layer, count in runs:
         print(f"layers {start}-{start + count - 1}".ljust(18) + " | ".join(layer))
         start += count
+    for k, depth in enumerate(info["sequential_mtp"], start=1):
+        print(f"mtp depth {k}".ljust(18) + " | ".join(depth))
 
 
 def inspect_main(args: list[str]) -> None:

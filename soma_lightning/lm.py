@@ -66,20 +66,30 @@ class SomaLM(L.LightningModule):
         check_token_ids(batch["tokens"], self.arch.vocab_size, self.arch.vocab_ranges, "batch tokens")
         return batch
 
-    def _encode(self, batch: Batch) -> torch.Tensor:
-        """Representations of a batch, with the per-token annotations it carries (doc_ids, structure)."""
-        return self.model.encode(batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure"))
+    @staticmethod
+    def _inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
+        """What the model reads of a batch: tokens, positions and the per-token annotations it carries."""
+        return batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure")
 
     def _routed(self) -> list[MoE]:
         return [m for m in self.model.modules() if isinstance(m, MoE)]
 
+    def _ce(self, reps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        reps = self._encode(batch)
-        ce = F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
+        reps, mtp = self.model.encode_with_mtp(*self._inputs(batch))
+        ce = self._ce(reps, batch["targets"])
         noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
         sig = sigreg_statistic(reps, noise.to(self.device), self.sigreg.t_max, self.sigreg.points)
         loss = ce + self.sigreg.coefficient * sig
         metrics = {"train/ce": ce, "train/sigreg": sig}
+        by_horizon: dict[int, list[torch.Tensor]] = {}
+        for p in mtp:  # horizon k: the target of position t is token t+1+k, i.e. targets[:, t+k]
+            mtp_ce = self._ce(p.representations[:, : -p.horizon], batch["targets"][:, p.horizon :])
+            loss = loss + p.loss_weight * mtp_ce
+            by_horizon.setdefault(p.horizon, []).append(mtp_ce)
+        metrics |= {f"train/mtp_{k}_ce": torch.stack(v).mean() for k, v in by_horizon.items()}
         routed = self._routed()
         if routed:
             aux = sum(m.aux_loss for m in routed)
@@ -99,7 +109,7 @@ class SomaLM(L.LightningModule):
             m.update_selection_bias()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        reps = self._encode(batch)
+        reps = self.model.encode(*self._inputs(batch))
         nll = target_nll(self.model.predict(reps), batch["targets"])
         n = (batch["targets"] != PAD).sum()
         seed = self.noise_seed + batch_idx
@@ -135,7 +145,7 @@ class SomaLM(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-row NLL sum (nats) over non-PAD targets and the number of such targets."""
-        nll = target_nll(self.model.predict(self._encode(batch)), batch["targets"])
+        nll = target_nll(self.model.predict(self.model.encode(*self._inputs(batch))), batch["targets"])
         return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != PAD).sum(dim=1)}
 
     def configure_optimizers(self):

@@ -2,7 +2,8 @@
 
 from torch import nn
 
-from soma_lightning.nn.model import SomaModel
+from soma_lightning.nn.model import Block, SomaModel
+from soma_lightning.nn.mtp import MTPHeads
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -18,14 +19,23 @@ def linear_flops(module: nn.Module) -> float:
     return sum(2.0 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def block_flops_per_token(block: Block, seq_len: int) -> float:
+    """A block's sublayers: each gives its own by `flops_per_token(seq_len)`, or its Linear layers count."""
+    return sum(
+        sub.flops_per_token(seq_len) if hasattr(sub, "flops_per_token") else linear_flops(sub)
+        for sub in (block.get_submodule(name) for _, name in block.order)
+    )
+
+
 def forward_flops_per_token(model: SomaModel, seq_len: int) -> float:
-    """Matrix FLOPs of one forward pass per token at `seq_len`. Sublayers give theirs by
-    `flops_per_token(seq_len)`; one without that method counts its Linear layers."""
-    total = linear_flops(model.predictor)
-    for layer in model.encoder.layers:
-        for _, name in layer.order:
-            sub = layer.get_submodule(name)
-            total += sub.flops_per_token(seq_len) if hasattr(sub, "flops_per_token") else linear_flops(sub)
+    """Matrix FLOPs of one training forward pass per token at `seq_len`, MTP heads included (each horizon
+    also runs the predictor)."""
+    predictor = linear_flops(model.predictor)
+    horizons = sum(len(m.heads) for m in model.modules() if isinstance(m, MTPHeads))
+    total = predictor * (1 + horizons) + sum(block_flops_per_token(layer, seq_len) for layer in model.encoder.layers)
+    if model.mtp is not None:
+        for depth in model.mtp.depths:
+            total += linear_flops(depth.combine) + block_flops_per_token(depth.block, seq_len) + predictor
     return total
 
 

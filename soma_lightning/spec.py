@@ -21,17 +21,20 @@ from soma_lightning.errors import UserError
 from soma_lightning.nn.attention import MultiHeadAttention
 from soma_lightning.nn.embedding import HashedNgramEmbedding, ModalityEmbedding
 from soma_lightning.nn.ffn import GeluMLP
+from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.model import Block, SomaModel, Sublayer
 from soma_lightning.nn.moe import MoE
+from soma_lightning.nn.mtp import MTPHeads, SequentialMTP
 from soma_lightning.nn.norm import layernorm, rmsnorm
 from soma_lightning.token_space import check_ranges
 
 REGISTRY: dict[str, dict[str, Callable[..., torch.nn.Module]]] = {
-    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention},
+    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention, "gated_deltanet": GatedDeltaNet},
     "ffn": {"gelu_mlp": GeluMLP, "moe": MoE},
     "norm": {"layernorm": layernorm, "rmsnorm": rmsnorm},
     "embedding": {"hashed_ngram": HashedNgramEmbedding, "modality": ModalityEmbedding},
+    "mtp": {"mtp_heads": MTPHeads},
 }
 
 # Arguments a component receives from the model level unless its own spec sets them.
@@ -42,7 +45,7 @@ class SpecError(UserError, ValueError):
     """A spec mistake; the message starts with the YAML key path."""
 
 
-def register(kind: Literal["mixer", "ffn", "norm", "embedding"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
+def register(kind: Literal["mixer", "ffn", "norm", "embedding", "mtp"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
     """Make `factory` available to specs as `{kind}: {type: name, ...}`."""
     REGISTRY[kind][name] = factory
 
@@ -51,11 +54,14 @@ def register(kind: Literal["mixer", "ffn", "norm", "embedding"], name: str, fact
 class ModelSpec:
     """The architecture: `blocks` maps a block name to its residual sublayers, run in order; layer i uses
     block `pattern[i % len(pattern)]` (default: the blocks in the order written). A sublayer is
-    `{norm: <norm or null>, mixer|ffn: <component>, name: <module name, optional>}`; a component is a
-    registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`.
+    `{norm: <norm or null>, mixer|ffn|mtp: <component>, name: <module name, optional>}`; a component is a
+    registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`. An
+    `mtp` sublayer places multi-token-prediction heads at that point of the block (training only).
     `input_embeddings`: embedding components added to the token embedding (e.g. hashed_ngram, modality).
     `vocab_ranges`: the token space per modality, `{name: [start, end)}`; batches with ids outside every
-    range are refused when they arrive."""
+    range are refused when they arrive.
+    `mtp`: DeepSeek-V3-style sequential MTP modules after the last layer, `{horizons: H, block: <a block
+    name>, loss_weight: w}`: depth k (1..H) runs its own copy of that block and predicts token t+1+k."""
 
     d_model: int
     n_layers: int
@@ -68,6 +74,7 @@ class ModelSpec:
     predictor_bias: bool = True
     input_embeddings: list[str | dict[str, Any]] = field(default_factory=list)
     vocab_ranges: dict[str, list[int]] | None = None
+    mtp: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- type checks with readable errors
@@ -232,11 +239,38 @@ def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:
     return spec
 
 
+BlockPlan = list[tuple[str, _Component | None, _Component]]
+
+
 @dataclass
 class _Plan:
-    layers: list[list[tuple[str, _Component | None, _Component]]]
+    layers: list[BlockPlan]
     final_norm: _Component
     input_embeddings: list[_Component]
+    mtp_blocks: list[BlockPlan]
+    mtp_loss_weight: float
+
+
+SEQUENTIAL_MTP_KEYS = {"horizons": int, "block": str, "loss_weight": float}
+
+
+def _plan_sequential_mtp(raw: dict[str, Any], blocks: dict[str, BlockPlan], path: str) -> tuple[list[BlockPlan], float]:
+    for key, value in raw.items():
+        if key not in SEQUENTIAL_MTP_KEYS:
+            raise SpecError(f"{path}.{key}: unknown key; valid keys: {', '.join(SEQUENTIAL_MTP_KEYS)}")
+        _check_value(f"{path}.{key}", value, SEQUENTIAL_MTP_KEYS[key])
+    for key in ("horizons", "block"):
+        if key not in raw:
+            raise SpecError(f"{path}.{key}: missing key")
+    if raw["horizons"] < 1:
+        raise SpecError(f"{path}.horizons: must be at least 1, got {raw['horizons']}")
+    if raw.get("loss_weight", 0.0) < 0:
+        raise SpecError(f"{path}.loss_weight: must be non-negative, got {raw['loss_weight']}")
+    if raw["block"] not in blocks:
+        raise SpecError(f"{path}.block: unknown block {raw['block']!r}; valid: {', '.join(blocks)}")
+    if any(comp.factory is MTPHeads for _, _, comp in blocks[raw["block"]]):
+        raise SpecError(f"{path}.block: block {raw['block']!r} has MTP heads of its own; name a block without them")
+    return [blocks[raw["block"]]] * raw["horizons"], float(raw.get("loss_weight", 0.3))
 
 
 def _plan(spec: ModelSpec, path: str) -> _Plan:
@@ -260,13 +294,13 @@ def _plan(spec: ModelSpec, path: str) -> _Plan:
         for k, entry in enumerate(sublayers):
             spath = f"{bpath}[{k}]"
             if not isinstance(entry, dict):
-                raise SpecError(f"{spath}: expected a mapping with 'norm' and 'mixer' or 'ffn', got {entry!r}")
+                raise SpecError(f"{spath}: expected a mapping with 'norm' and one of 'mixer', 'ffn', 'mtp', got {entry!r}")
             for key in entry:
-                if key not in ("norm", "mixer", "ffn", "name"):
-                    raise SpecError(f"{spath}.{key}: unknown key; valid keys: norm, mixer, ffn, name")
-            kinds = [key for key in ("mixer", "ffn") if key in entry]
+                if key not in ("norm", "mixer", "ffn", "mtp", "name"):
+                    raise SpecError(f"{spath}.{key}: unknown key; valid keys: norm, mixer, ffn, mtp, name")
+            kinds = [key for key in ("mixer", "ffn", "mtp") if key in entry]
             if len(kinds) != 1:
-                raise SpecError(f"{spath}: needs exactly one of 'mixer' or 'ffn', got {kinds or 'neither'}")
+                raise SpecError(f"{spath}: needs exactly one of 'mixer', 'ffn' or 'mtp', got {kinds or 'none'}")
             if "norm" not in entry:
                 raise SpecError(f"{spath}.norm: missing key (a norm: {', '.join(sorted(REGISTRY['norm']))}, or null)")
             kind = kinds[0]
@@ -282,16 +316,24 @@ def _plan(spec: ModelSpec, path: str) -> _Plan:
         blocks[block_name] = resolved
     layers = [blocks[pattern[i % len(pattern)]] for i in range(spec.n_layers)]
     embeddings = [_component("embedding", e, f"{path}.input_embeddings[{i}]", inherited) for i, e in enumerate(spec.input_embeddings)]
-    return _Plan(layers, _component("norm", spec.final_norm, f"{path}.final_norm", inherited), embeddings)
+    mtp_blocks, mtp_loss_weight = [], 0.0
+    if spec.mtp is not None:
+        mtp_blocks, mtp_loss_weight = _plan_sequential_mtp(spec.mtp, blocks, f"{path}.mtp")
+    final_norm = _component("norm", spec.final_norm, f"{path}.final_norm", inherited)
+    return _Plan(layers, final_norm, embeddings, mtp_blocks, mtp_loss_weight)
 
 
 def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
-    blocks = [
-        Block([Sublayer(name, comp.build(), norm.build() if norm else None) for name, norm, comp in layer], spec.dropout)
-        for layer in plan.layers
-    ]
+    def block(layer: BlockPlan) -> Block:
+        return Block([Sublayer(name, comp.build(), norm.build() if norm else None) for name, norm, comp in layer], spec.dropout)
+
+    mtp = None
+    if plan.mtp_blocks:
+        mtp = SequentialMTP(spec.d_model, [block(b) for b in plan.mtp_blocks], plan.final_norm.build, plan.mtp_loss_weight)
     embeddings = [e.build() for e in plan.input_embeddings]
-    return SomaModel(spec.vocab_size, spec.d_model, blocks, plan.final_norm.build(), spec.predictor_bias, embeddings)
+    return SomaModel(
+        spec.vocab_size, spec.d_model, [block(layer) for layer in plan.layers], plan.final_norm.build(), spec.predictor_bias, embeddings, mtp
+    )
 
 
 def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None, path: str = "model.arch") -> SomaModel:

@@ -36,6 +36,10 @@ CASES = {
             {"num_heads": 4, "num_kv_heads": 2, "window": 8, "global_stride": 5, "impl": "flex"},
             {"num_heads": 4, "window": 6, "impl": "reference"},
         ],
+        "gated_deltanet": [
+            {"num_heads": 2, "num_v_heads": 4, "head_dim": 8},
+            {"num_heads": 1, "num_v_heads": 2, "head_dim": 8, "conv_size": 2, "impl": "recurrent"},
+        ],
     },
     "ffn": {
         "gelu_mlp": [{"hidden_dim": 32}],

@@ -1,12 +1,8 @@
 """The GPT-5-style MoE specs: sizes against the analytic formula, and a CPU training smoke run."""
 
-import csv
-
-import yaml
-
 from soma_lightning import build_model, load_spec
-from soma_lightning.cli import cli_main
 from soma_lightning.measure import count_parameters
+from conftest import train_tiny_spec
 
 
 def analytic_parameters(d, layers, vocab, heads, kv_heads, experts, top_k, hidden, ngram_tables, buckets, modalities, buckets_bias, biased_layers):
@@ -33,19 +29,7 @@ def test_one_h100_spec_is_about_1b_total_300m_active():
 
 
 def test_tiny_spec_trains_on_cpu_with_routing_metrics(tmp_path):
-    cfg = yaml.safe_load(open("specs/gpt5_moe_tiny.yaml"))
-    corpus = tmp_path / "docs"
-    corpus.mkdir()
-    text = open("soma_lightning/corpora/tinyshakespeare.txt").read()
-    for i in range(20):
-        (corpus / f"{i:02d}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
-    cfg["data"]["init_args"]["source"] = str(corpus)
-    cfg["trainer"] |= {"max_steps": 60, "val_check_interval": 60, "log_every_n_steps": 1, "enable_progress_bar": False}
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cli_main(["fit", "--config", str(path)])
-    rows = list(csv.DictReader(open(tmp_path / "runs/gpt5_moe_tiny/version_0/metrics.csv")))
+    rows = train_tiny_spec("specs/gpt5_moe_tiny.yaml", tmp_path)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
     assert all(r["train/moe_aux_loss"] for r in rows if r.get("train/loss"))

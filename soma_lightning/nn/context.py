@@ -11,3 +11,4 @@ class SequenceContext:
     doc_ids: Tensor | None = None  # [B, T] document index within a packed window; attention stays inside one
     structure: Tensor | None = None  # [B, T, L] enclosing-span starts per position (data_modules/structure.py)
     cache: dict = field(default_factory=dict)  # built once per forward, shared by layers (e.g. attention masks)
+    mtp: list | None = None  # where MTP heads put their predictions (training); None skips the heads

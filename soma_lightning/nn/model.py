@@ -9,11 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.mtp import MTPHeads, MTPPrediction, SequentialMTP
 
 
 @dataclass
 class Sublayer:
-    """One residual branch of a block: x + drop(module(norm(x)))."""
+    """One residual branch of a block: x + drop(module(norm(x))). MTP heads are the exception: they read
+    norm(x), put their predictions in the context, and leave x as it is."""
 
     name: str  # attribute name of the module inside its block
     module: nn.Module
@@ -37,8 +39,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         for norm_name, name in self.order:
-            h = x if norm_name is None else self.get_submodule(norm_name)(x)
-            x = x + self.drop(self.get_submodule(name)(h, ctx))
+            module = self.get_submodule(name)
+            norm = (lambda h: h) if norm_name is None else self.get_submodule(norm_name)
+            if isinstance(module, MTPHeads):
+                if ctx.mtp is not None:
+                    ctx.mtp.extend(module(norm(x), ctx))
+                continue
+            x = x + self.drop(module(norm(x), ctx))
         return x
 
 
@@ -54,7 +61,8 @@ class Encoder(nn.Module):
 
 
 class SomaModel(nn.Module):
-    """`input_embeddings` are modules mapping token ids [B, T] to [B, T, D], added to the token embedding."""
+    """`input_embeddings` are modules mapping token ids [B, T] to [B, T, D], added to the token embedding;
+    `mtp`: DeepSeek-V3-style multi-token-prediction modules after the last layer (training only)."""
 
     def __init__(
         self,
@@ -64,6 +72,7 @@ class SomaModel(nn.Module):
         final_norm: nn.Module,
         predictor_bias: bool = True,
         input_embeddings: list[nn.Module] = (),
+        mtp: SequentialMTP | None = None,
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model)
@@ -71,17 +80,36 @@ class SomaModel(nn.Module):
         self.encoder = Encoder(layers)
         self.final_norm = final_norm
         self.predictor = nn.Linear(d_model, vocab_size, bias=predictor_bias)
+        self.mtp = mtp
+
+    def _context(self, tokens: Tensor, positions: Tensor | None, doc_ids: Tensor | None, structure: Tensor | None) -> SequenceContext:
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return SequenceContext(positions=positions, doc_ids=doc_ids, structure=structure)
+
+    def _hidden(self, tokens: Tensor, ctx: SequenceContext) -> Tensor:
+        x = self.embedding(tokens)
+        for embedding in self.input_embeddings:
+            x = x + embedding(tokens)
+        return self.encoder(x, ctx)
 
     def encode(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None, structure: Tensor | None = None) -> Tensor:
         """Token ids [B, T] (integer positions [B, T], default 0..T-1; document ids [B, T] of a packed
         window, default one document; per-token structure [B, T, L] for mixers that read it) ->
-        representations [B, T, D]."""
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x = self.embedding(tokens)
-        for embedding in self.input_embeddings:
-            x = x + embedding(tokens)
-        return self.final_norm(self.encoder(x, SequenceContext(positions=positions, doc_ids=doc_ids, structure=structure)))
+        representations [B, T, D]. MTP heads are skipped."""
+        return self.final_norm(self._hidden(tokens, self._context(tokens, positions, doc_ids, structure)))
+
+    def encode_with_mtp(
+        self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None, structure: Tensor | None = None
+    ) -> tuple[Tensor, list[MTPPrediction]]:
+        """`encode`, plus the predictions of every MTP head (in-block heads in layer order, then the
+        sequential modules)."""
+        ctx = self._context(tokens, positions, doc_ids, structure)
+        ctx.mtp = []
+        hidden = self._hidden(tokens, ctx)
+        if self.mtp is not None:
+            ctx.mtp.extend(self.mtp(hidden, tokens, self.embedding, ctx))
+        return self.final_norm(hidden), ctx.mtp
 
     def predict(self, representations: Tensor) -> Tensor:
         return self.predictor(representations)

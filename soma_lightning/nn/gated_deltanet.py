@@ -1,0 +1,102 @@
+"""Gated DeltaNet mixer (Qwen3-Next's linear-attention layer): q, k, v through one causal short convolution,
+the gated delta rule (soma_lightning/nn/delta_rule.py) over value heads, a per-head RMSNorm, a sigmoid
+output gate. Documents in a packed window do not see each other: the convolution and the state restart at
+every document start."""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.delta_rule import CHUNK_SIZE, gated_delta_rule, short_conv
+
+
+def document_resets(ctx: SequenceContext) -> Tensor | None:
+    """[B, T] bool, True where a new document starts (never at position 0); None without document ids.
+    Built once per forward pass and shared by all layers through ctx.cache."""
+    if ctx.doc_ids is None:
+        return None
+    if "delta_resets" not in ctx.cache:
+        doc = ctx.doc_ids
+        ctx.cache["delta_resets"] = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0))
+    return ctx.cache["delta_resets"]
+
+
+class GatedDeltaNet(nn.Module):
+    """num_heads query/key heads of head_dim, num_v_heads value heads of v_head_dim (a multiple of
+    num_heads: each q/k head serves num_v_heads // num_heads value heads). impl picks the delta rule's
+    form (see `gated_delta_rule`); "recurrent" and "chunked" run the convolution in PyTorch too."""
+
+    default_name = "gdn"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int = 16,
+        num_v_heads: int = 32,
+        head_dim: int = 256,
+        v_head_dim: int | None = None,
+        conv_size: int = 4,
+        norm_eps: float = 1e-6,
+        impl: Literal["auto", "recurrent", "chunked", "fla"] = "auto",
+    ) -> None:
+        super().__init__()
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        sizes = dict(
+            d_model=d_model, num_heads=num_heads, num_v_heads=num_v_heads, head_dim=head_dim, v_head_dim=v_head_dim, conv_size=conv_size
+        )
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name}: must be positive, got {value}")
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_v_heads: must be a multiple of num_heads ({num_heads}), got {num_v_heads}")
+        if norm_eps <= 0:
+            raise ValueError(f"norm_eps: must be positive, got {norm_eps}")
+        if impl not in ("auto", "recurrent", "chunked", "fla"):
+            raise ValueError(f"impl: expected auto, recurrent, chunked or fla, got {impl!r}")
+        self.num_heads, self.num_v_heads, self.head_dim, self.v_head_dim = num_heads, num_v_heads, head_dim, v_head_dim
+        self.impl = impl
+        key_dim, value_dim = num_heads * head_dim, num_v_heads * v_head_dim
+        self.q_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, value_dim, bias=False)
+        self.a_proj = nn.Linear(d_model, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(d_model, num_v_heads, bias=False)
+        self.gate_proj = nn.Linear(d_model, value_dim, bias=False)
+        self.out_proj = nn.Linear(value_dim, d_model, bias=False)
+        # One depthwise convolution over concat(q, k, v), initialised as nn.Conv1d would be.
+        bound = 1 / math.sqrt(conv_size)
+        self.conv = nn.Parameter(torch.empty(2 * key_dim + value_dim, conv_size).uniform_(-bound, bound))
+        # Decay g = -exp(A_log) * softplus(a + dt_bias), initialised as in Mamba2: A in [1, 16], dt
+        # log-uniform in [1e-3, 1e-1].
+        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())
+        dt = torch.empty(num_v_heads).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.norm = nn.RMSNorm(v_head_dim, eps=norm_eps)
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        resets = document_resets(ctx)
+        conv_impl = self.impl if self.impl in ("auto", "fla") else "torch"
+        qkv = short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), self.conv, resets, conv_impl)
+        key_dim = self.num_heads * self.head_dim
+        q, k, v = qkv.split([key_dim, key_dim, self.num_v_heads * self.v_head_dim], dim=-1)
+        q, k = q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_v_heads, self.v_head_dim))
+        beta = self.b_proj(x).sigmoid()
+        g = -self.A_log.exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        o = gated_delta_rule(q, k, v, g, beta, resets, impl=self.impl)
+        # The norm's weight in o's dtype: under autocast o is bf16, and a float32 weight would miss the fused kernel.
+        o = F.rms_norm(o, self.norm.normalized_shape, self.norm.weight.to(o.dtype), self.norm.eps)
+        o = o * self.gate_proj(x).unflatten(-1, (self.num_v_heads, self.v_head_dim)).sigmoid()
+        return self.out_proj(o.flatten(-2))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections plus the chunked delta rule's matrix work (chunks of CHUNK_SIZE, so not seq_len)."""
+        projections = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        k, v, c = self.head_dim, self.v_head_dim, CHUNK_SIZE
+        # Per value head: w S, q S and the state update (2KV each); q k^T, A and the products with delta,
+        # then the solves for u and w (about 2C(K + V) each).
+        return projections + self.num_v_heads * (3 * 2 * k * v + 2 * 2 * c * (k + v))
