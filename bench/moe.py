@@ -120,40 +120,43 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="specs/gpt5_moe.yaml")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--parts", default="layer,model,long_context,attention_op", help="comma-separated: layer, model, long_context, attention_op")
     p.add_argument("--out", default="moe.json")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name()}
-
-    result["moe_layer"] = moe_layers((4096, 16384), d=1024, hidden=2048, steps=args.steps)
-    print(f"{'experts':>7} {'tokens':>7} {'loop ms':>8} {'grouped ms':>10} {'speedup':>8} {'rel err':>8}")
-    for r in result["moe_layer"]:
-        print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} {r['rel_err']:8.1e}")
-
+    parts = args.parts.split(",")
     moe = load_spec(args.config)
-    mixer_ffn = moe.blocks["layer"][1]["ffn"]  # the MoE of the spec's first block
-    dense = with_ffn(moe, {"type": "gelu_mlp", "hidden_dim": mixer_ffn["top_k"] * 3 * mixer_ffn["hidden_dim"] // 2})
-    result["model"] = {name: train_step_rate(arch, 4, 8192, args.steps) for name, arch in (("moe", moe), ("dense, same active", dense))}
-    print(f"\n{'model (8K x 4)':20} {'total':>8} {'active':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>8}")
-    for name, r in result["model"].items():
-        print(f"{name:20} {r['total_params'] / 1e9:7.2f}B {r['active_params'] / 1e9:7.2f}B {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {r['peak_gib']:8.1f}")
-    print(f"moe / dense tokens/s: {result['model']['moe']['tokens_per_s'] / result['model']['dense, same active']['tokens_per_s']:.2f}")
-
-    result["long_context"] = []
-    print(f"\n{'context':>7} {'attention':14} {'tokens/s':>9} {'peak GiB':>8}")
-    for seq_len, batch in ((8192, 4), (32768, 1)):
-        for name, arch in (("local+global", moe), ("full causal", with_attention(moe, window=None, global_stride=None))):
-            try:
-                r = train_step_rate(arch, batch, seq_len, max(3, args.steps // 2), doc_ids=False)
-            except torch.OutOfMemoryError:
-                r = {"tokens_per_s": 0.0, "peak_gib": float("nan"), "oom": True}
-                torch.cuda.empty_cache()
-            result["long_context"].append({"seq_len": seq_len, "batch": batch, "attention": name, **r})
-            print(f"{seq_len:7d} {name:14} {r['tokens_per_s']:9.0f} {r['peak_gib']:8.1f}")
-    result["attention_op_ms"] = {t: attention_ops(t, args.steps) for t in (8192, 32768)}
-    print(f"\n{'context':>7} {'attention op fwd+bwd':24} {'ms':>8}")
-    for t, r in result["attention_op_ms"].items():
-        for name, ms in r.items():
-            print(f"{t:7d} {name:24} {ms:8.2f}")
+    if "layer" in parts:
+        result["moe_layer"] = moe_layers((4096, 16384), d=1024, hidden=2048, steps=args.steps)
+        print(f"{'experts':>7} {'tokens':>7} {'loop ms':>8} {'grouped ms':>10} {'speedup':>8} {'rel err':>8}")
+        for r in result["moe_layer"]:
+            print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} {r['rel_err']:8.1e}")
+    if "model" in parts:
+        mixer_ffn = moe.blocks["layer"][1]["ffn"]  # the MoE of the spec's first block
+        dense = with_ffn(moe, {"type": "gelu_mlp", "hidden_dim": mixer_ffn["top_k"] * 3 * mixer_ffn["hidden_dim"] // 2})
+        result["model"] = {name: train_step_rate(arch, 4, 8192, args.steps) for name, arch in (("moe", moe), ("dense, same active", dense))}
+        print(f"\n{'model (8K x 4)':20} {'total':>8} {'active':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>8}")
+        for name, r in result["model"].items():
+            print(f"{name:20} {r['total_params'] / 1e9:7.2f}B {r['active_params'] / 1e9:7.2f}B {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {r['peak_gib']:8.1f}")
+        print(f"moe / dense tokens/s: {result['model']['moe']['tokens_per_s'] / result['model']['dense, same active']['tokens_per_s']:.2f}")
+    if "long_context" in parts:
+        result["long_context"] = []
+        print(f"\n{'context':>7} {'attention':14} {'tokens/s':>9} {'peak GiB':>8}")
+        for seq_len, batch in ((8192, 4), (32768, 1)):
+            for name, arch in (("local+global", moe), ("full causal", with_attention(moe, window=None, global_stride=None))):
+                try:
+                    r = train_step_rate(arch, batch, seq_len, max(3, args.steps // 2), doc_ids=False)
+                except torch.OutOfMemoryError:
+                    r = {"tokens_per_s": 0.0, "peak_gib": float("nan"), "oom": True}
+                    torch.cuda.empty_cache()
+                result["long_context"].append({"seq_len": seq_len, "batch": batch, "attention": name, **r})
+                print(f"{seq_len:7d} {name:14} {r['tokens_per_s']:9.0f} {r['peak_gib']:8.1f}")
+    if "attention_op" in parts:
+        result["attention_op_ms"] = {t: attention_ops(t, args.steps) for t in (8192, 32768)}
+        print(f"\n{'context':>7} {'attention op fwd+bwd':24} {'ms':>8}")
+        for t, r in result["attention_op_ms"].items():
+            for name, ms in r.items():
+                print(f"{t:7d} {name:24} {ms:8.2f}")
     json.dump(result, open(args.out, "w"), indent=1)
 
 

@@ -76,3 +76,25 @@ def test_moe_model_with_capacity_dropping_is_causal_across_the_batch():
     model = build_model(arch)
     _assert_causal(model)
     assert model.encoder.layers[0].moe.stats["dropped_fraction"] > 0
+
+
+def test_hybrid_model_with_documents_and_mtp_is_causal():
+    from soma_lightning import load_spec
+
+    model = build_model(load_spec("specs/hybrid_tiny.yaml")).eval()
+    t, length = 37, 64
+    a = torch.randint(0, 256, (2, length))
+    b = a.clone()
+    b[:, t + 1 :] = torch.randint(0, 256, (2, length - t - 1))
+    doc_ids = (torch.arange(length) // 20).expand(2, -1)  # a document starts at 20, 40, 60
+    with torch.no_grad():
+        (reps_a, mtp_a), (reps_b, mtp_b) = (model.encode_with_mtp(x, doc_ids=doc_ids) for x in (a, b))
+    torch.testing.assert_close(reps_a[:, : t + 1], reps_b[:, : t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(reps_a[:, t + 1 :], reps_b[:, t + 1 :])
+    for p, q in zip(mtp_a[:-1], mtp_b[:-1]):  # in-block heads read the stream at <= t
+        torch.testing.assert_close(p.representations[:, : t + 1], q.representations[:, : t + 1], rtol=0, atol=1e-6)
+    c = a.clone()
+    c[:, :20] = torch.randint(0, 256, (2, 20))  # only the first document changes
+    with torch.no_grad():
+        reps_c = model.encode(c, doc_ids=doc_ids)
+    torch.testing.assert_close(reps_a[:, 20:], reps_c[:, 20:], rtol=0, atol=1e-6)

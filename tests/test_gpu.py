@@ -110,3 +110,21 @@ def test_gated_deltanet_layer_fla_path_equals_torch_path_in_bf16():
         results[impl] = (y.detach().float(), layer.q_proj.weight.grad, layer.A_log.grad)
     for got, want in zip(results["fla"], results["chunked"]):
         assert _rel(got, want) < 2e-2
+
+
+@cuda
+@torch.no_grad()
+def test_hybrid_model_on_the_fla_path_is_causal_with_documents():
+    import yaml
+
+    arch = yaml.safe_load(open("specs/hybrid_small.yaml"))["model"]["arch"] | {"n_layers": 2}
+    model = build_model(arch, device="cuda").eval()
+    t, length = 1500, 4096
+    a = torch.randint(0, 256, (2, length), device="cuda")
+    b = a.clone()
+    b[:, t + 1 :] = torch.randint(0, 256, (2, length - t - 1), device="cuda")
+    doc_ids = (torch.arange(length, device="cuda") // 1000).expand(2, -1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reps_a, reps_b = (model.encode(x, doc_ids=doc_ids) for x in (a, b))
+    assert (reps_a[:, : t + 1] - reps_b[:, : t + 1]).abs().max() < 1e-2 * reps_a.abs().max()
+    assert (reps_a[:, t + 1 :] - reps_b[:, t + 1 :]).abs().max() > 0.1 * reps_a.abs().max()
