@@ -2,9 +2,12 @@
 
 1. identity embeddings (hashed 2/3/4-grams) off vs on: specs/quickstart.yaml on tiny Shakespeare;
 2. structural attention bias off vs on: a small GQA code model on the CPython standard library (the
-   top-level modules of this interpreter's stdlib), documents joined by EOS, document-aware masks.
+   top-level modules of this interpreter's stdlib), documents joined by EOS, document-aware masks;
+3. SOSM vs the dense causal model at (nearly) equal parameters: specs/quickstart.yaml with its token table
+   and attention replaced by sosm_tiny.yaml's semantic state and graph attention, on tiny Shakespeare and
+   on the stdlib code.
 
-    python bench/quality.py --out quality.json
+    python bench/quality.py --out quality.json [--comparisons identity,structure,sosm]
 
 Prints the final val bits/byte of each arm and writes JSON. Each run's logs go under --runs.
 """
@@ -34,6 +37,17 @@ def code_model(structure: bool) -> dict:
     }
 
 
+def sosm(config: dict) -> dict:
+    """The config's model with SOSM's input and attention (the graph settings of specs/sosm_tiny.yaml)."""
+    config = json.loads(json.dumps(config))
+    arch = config["model"]["arch"]
+    tiny = yaml.safe_load(open("specs/sosm_tiny.yaml"))["model"]["arch"]
+    arch["token_embedding"] = tiny["token_embedding"] | {"graph": tiny["token_embedding"]["graph"] | {"chunk_size": 256}}
+    mixer = arch["blocks"]["layer"][0]["mixer"]
+    arch["blocks"]["layer"][0]["mixer"] = {"type": "graph_attention", "num_heads": mixer["num_heads"]}
+    return config
+
+
 def run(name: str, config: dict, runs: Path) -> float:
     config["trainer"] |= {"enable_progress_bar": False, "enable_model_summary": False}
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(runs), "name": name}}
@@ -50,28 +64,40 @@ def main() -> None:
     p.add_argument("--code", default=str(Path(sysconfig.get_paths()["stdlib"]) / "*.py"), help="glob of the code corpus")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--runs", default="runs/quality")
+    p.add_argument("--comparisons", default="identity,structure,sosm")
     p.add_argument("--out", default="quality.json")
     args = p.parse_args()
+    comparisons = args.comparisons.split(",")
     runs = Path(args.runs)
     results = {}
 
     quickstart = yaml.safe_load(open("specs/quickstart.yaml"))
     quickstart["trainer"]["max_steps"] = args.steps
-    for arm in ("off", "on"):
-        config = json.loads(json.dumps(quickstart))
-        if arm == "on":
-            config["model"]["arch"]["input_embeddings"] = [IDENTITY]
-        results[f"identity embeddings {arm}"] = run(f"identity_{arm}", config, runs)
+    if "identity" in comparisons:
+        for arm in ("off", "on"):
+            config = json.loads(json.dumps(quickstart))
+            if arm == "on":
+                config["model"]["arch"]["input_embeddings"] = [IDENTITY]
+            results[f"identity embeddings {arm}"] = run(f"identity_{arm}", config, runs)
 
-    for arm in ("off", "on"):
-        config = {
+    def code_config(arch: dict, structure: bool) -> dict:
+        return {
             "seed_everything": 0,
-            "model": {"arch": code_model(arm == "on"), "optim": {"lr": 2e-3, "warmup_steps": 50}},
+            "model": {"arch": arch, "optim": {"lr": 2e-3, "warmup_steps": 50}},
             "data": {"class_path": "soma_lightning.data_modules.ByteCorpus", "init_args": {
-                "source": args.code, "seq_len": 256, "batch_size": 16, "val_seq_len": 256, "doc_ids": True, "structure": arm == "on"}},
+                "source": args.code, "seq_len": 256, "batch_size": 16, "val_seq_len": 256, "doc_ids": True, "structure": structure}},
             "trainer": {"accelerator": "cpu", "max_steps": args.steps, "val_check_interval": args.steps, "check_val_every_n_epoch": None, "limit_val_batches": 40},
         }
-        results[f"structural bias {arm}"] = run(f"structure_{arm}", config, runs)
+
+    if "structure" in comparisons:
+        for arm in ("off", "on"):
+            results[f"structural bias {arm}"] = run(f"structure_{arm}", code_config(code_model(arm == "on"), arm == "on"), runs)
+
+    if "sosm" in comparisons:
+        text_code = {"shakespeare": quickstart, "stdlib": code_config(quickstart["model"]["arch"], False)}
+        for corpus, config in text_code.items():
+            results[f"dense causal, {corpus}"] = run(f"dense_{corpus}", json.loads(json.dumps(config)), runs)
+            results[f"sosm, {corpus}"] = run(f"sosm_{corpus}", sosm(config), runs)
 
     print(f"{'arm':28} {'val bits/byte':>14}")
     for name, bits in results.items():

@@ -1,4 +1,4 @@
-"""`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`, `export` and `score`."""
+"""`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`, `export`, `score` and `graph`."""
 
 import json
 import sys
@@ -19,6 +19,8 @@ from soma_lightning.data_modules.byte_corpus import source_files
 from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
+from soma_lightning.nn.semantic_graph import EDGE_TYPES, build_graph
+from soma_lightning.nn.semantic_state import SemanticStateEmbedding
 from soma_lightning.spec import SpecError, build_model, load_spec
 from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, save_canonical, score
 
@@ -27,7 +29,8 @@ DESCRIPTION = (
     "soma-lightning: train, validate, test and predict with a spec (LightningCLI subcommands below). "
     "Also: `soma-lightning inspect --config SPEC` (parameters, FLOPs, block pattern), "
     "`soma-lightning export --ckpt RUN --out FILE` and `soma-lightning score --weights FILE --data PATH` "
-    "(SOMA V1 canonical weights and the on-chain loss); each has --help."
+    "(SOMA V1 canonical weights and the on-chain loss), `soma-lightning graph --ckpt RUN --text TEXT` (the "
+    "semantic graph a SOSM model builds); each has --help."
 )
 
 
@@ -143,13 +146,17 @@ def _checkpoint_of(path: str, which: str) -> Path:
     return found[-1]
 
 
-def export_checkpoint(ckpt: str, out: str, which: str = "best") -> dict:
-    """Write a V1 run's weights in the canonical safetensors layout (389 keys for the full model, F32)."""
+def _load_run(ckpt: str, which: str) -> tuple[Path, SomaLM]:
     path = _checkpoint_of(ckpt, which)
     try:
-        module = SomaLM.load_from_checkpoint(path, map_location="cpu", init_weights=None)
+        return path, SomaLM.load_from_checkpoint(path, map_location="cpu", init_weights=None)
     except (KeyError, RuntimeError, OSError, EOFError) as e:
         raise UserError(f"--ckpt: {path} is not a soma-lightning checkpoint ({type(e).__name__}: {e})") from None
+
+
+def export_checkpoint(ckpt: str, out: str, which: str = "best") -> dict:
+    """Write a V1 run's weights in the canonical safetensors layout (389 keys for the full model, F32)."""
+    path, module = _load_run(ckpt, which)
     save_canonical(module.model, out)
     return {"ckpt": str(path), "out": out, "keys": len(module.model.state_dict()), "parameters": count_parameters(module.model)[0]}
 
@@ -192,7 +199,55 @@ def score_main(args: list[str]) -> None:
     print(json.dumps(asdict(result)))
 
 
-COMMANDS = {"inspect": inspect_main, "export": export_main, "score": score_main}
+def semantic_graph_of(ckpt: str, text: str, which: str = "last") -> dict:
+    """The semantic graph a SOSM checkpoint builds for the bytes of `text`: for each position its edges (key
+    position, byte, edge type) and, for semantic edges, each block's weighted cosine in the similarity."""
+    path, module = _load_run(ckpt, which)
+    embedding = module.model.embedding
+    if not isinstance(embedding, SemanticStateEmbedding):
+        raise UserError(f"--ckpt: {path} is not a SOSM model (its token embedding is {type(embedding).__name__}, not semantic_state)")
+    data = text.encode()
+    if not data:
+        raise UserError("--text: expected some text, got an empty string")
+    with torch.no_grad():
+        _, mu = embedding.embed(torch.tensor([list(data)]))
+        graph = build_graph(mu, embedding.graph)
+    blocks = list(embedding.graph.blocks)
+    char = lambda i: data[i : i + 1].decode("latin-1")  # noqa: E731
+    positions = []
+    for i in range(len(data)):
+        edges = []
+        for j, kind, shares in zip(graph.neighbors[0, i].tolist(), graph.edge_type[0, i].tolist(), graph.provenance[0, i].tolist()):
+            if j < 0:
+                continue
+            edge = {"key": j, "byte": char(j), "type": EDGE_TYPES[kind]}
+            if EDGE_TYPES[kind] == "semantic":
+                edge["blocks"] = {b: round(s, 4) for b, s in zip(blocks, shares)}
+            edges.append(edge)
+        positions.append({"position": i, "byte": char(i), "edges": edges})
+    return {"ckpt": str(path), "blocks": blocks, "positions": positions}
+
+
+def graph_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(prog="soma-lightning graph", description=semantic_graph_of.__doc__, exit_on_error=False)
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file, or a run directory (runs/NAME/version_N)")
+    parser.add_argument("--text", required=True, help="the text whose graph to show")
+    parser.add_argument("--which", choices=["best", "last"], default="last", help="which checkpoint of a run directory")
+    parser.add_argument("--json", default=None, help="write the graph as JSON to this file instead of printing it")
+    cfg = parser.parse_args(args)
+    info = semantic_graph_of(cfg.ckpt, cfg.text, cfg.which)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(info, indent=1))
+        return
+    for p in info["positions"]:
+        edges = [
+            f"{e['key']} {e['byte']!r} {e['type']}" + (" (" + " ".join(f"{b} {s:+.2f}" for b, s in e["blocks"].items()) + ")" if "blocks" in e else "")
+            for e in p["edges"]
+        ]
+        print(f"{p['position']:5d} {p['byte']!r:>6} <- " + "; ".join(edges))
+
+
+COMMANDS = {"inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main}
 
 
 def _user_error(e: BaseException) -> BaseException | None:

@@ -90,6 +90,10 @@ class SomaLM(L.LightningModule):
             loss = loss + p.loss_weight * mtp_ce
             by_horizon.setdefault(p.horizon, []).append(mtp_ce)
         metrics |= {f"train/mtp_{k}_ce": torch.stack(v).mean() for k, v in by_horizon.items()}
+        state = self.model.embedding
+        if getattr(state, "aux_loss", None) is not None:  # SOSM's MU block orthogonality and variance terms
+            loss = loss + state.aux_loss
+            metrics |= {"train/state_aux_loss": state.aux_loss} | {f"train/state_{k}": v for k, v in state.stats.items()}
         routed = self._routed()
         if routed:
             aux = sum(m.aux_loss for m in routed)

@@ -23,29 +23,32 @@ from soma_lightning.nn.embedding import HashedNgramEmbedding, ModalityEmbedding
 from soma_lightning.nn.ffn import GeluMLP
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
+from soma_lightning.nn.graph_attention import GraphAttention
 from soma_lightning.nn.model import Block, SomaModel, Sublayer
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.mtp import MTPHeads, SequentialMTP
 from soma_lightning.nn.norm import layernorm, rmsnorm
+from soma_lightning.nn.semantic_state import SemanticStateEmbedding
 from soma_lightning.token_space import check_ranges
 
 REGISTRY: dict[str, dict[str, Callable[..., torch.nn.Module]]] = {
-    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention, "gated_deltanet": GatedDeltaNet},
+    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention, "gated_deltanet": GatedDeltaNet, "graph_attention": GraphAttention},
     "ffn": {"gelu_mlp": GeluMLP, "moe": MoE},
     "norm": {"layernorm": layernorm, "rmsnorm": rmsnorm},
     "embedding": {"hashed_ngram": HashedNgramEmbedding, "modality": ModalityEmbedding},
     "mtp": {"mtp_heads": MTPHeads},
+    "token_embedding": {"semantic_state": SemanticStateEmbedding},
 }
 
 # Arguments a component receives from the model level unless its own spec sets them.
-INHERITED = ("d_model", "dropout", "vocab_ranges")
+INHERITED = ("d_model", "dropout", "vocab_ranges", "vocab_size")
 
 
 class SpecError(UserError, ValueError):
     """A spec mistake; the message starts with the YAML key path."""
 
 
-def register(kind: Literal["mixer", "ffn", "norm", "embedding", "mtp"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
+def register(kind: Literal["mixer", "ffn", "norm", "embedding", "mtp", "token_embedding"], name: str, factory: Callable[..., torch.nn.Module]) -> None:
     """Make `factory` available to specs as `{kind}: {type: name, ...}`."""
     REGISTRY[kind][name] = factory
 
@@ -61,7 +64,9 @@ class ModelSpec:
     `vocab_ranges`: the token space per modality, `{name: [start, end)}`; batches with ids outside every
     range are refused when they arrive.
     `mtp`: DeepSeek-V3-style sequential MTP modules after the last layer, `{horizons: H, block: <a block
-    name>, loss_weight: w}`: depth k (1..H) runs its own copy of that block and predicts token t+1+k."""
+    name>, loss_weight: w}`: depth k (1..H) runs its own copy of that block and predicts token t+1+k.
+    `token_embedding`: replaces the plain token table (null) with a component that also receives the
+    sequence context, e.g. SOSM's `semantic_state`, which builds the semantic graph there."""
 
     d_model: int
     n_layers: int
@@ -75,6 +80,7 @@ class ModelSpec:
     input_embeddings: list[str | dict[str, Any]] = field(default_factory=list)
     vocab_ranges: dict[str, list[int]] | None = None
     mtp: dict[str, Any] | None = None
+    token_embedding: str | dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- type checks with readable errors
@@ -247,6 +253,7 @@ class _Plan:
     layers: list[BlockPlan]
     final_norm: _Component
     input_embeddings: list[_Component]
+    token_embedding: _Component | None
     mtp_blocks: list[BlockPlan]
     mtp_loss_weight: float
 
@@ -284,7 +291,7 @@ def _plan(spec: ModelSpec, path: str) -> _Plan:
     for i, name in enumerate(pattern):
         if name not in spec.blocks:
             raise SpecError(f"{path}.pattern[{i}]: unknown block {name!r}; valid: {', '.join(spec.blocks)}")
-    inherited = {"d_model": spec.d_model, "dropout": spec.dropout, "vocab_ranges": spec.vocab_ranges}
+    inherited = {"d_model": spec.d_model, "dropout": spec.dropout, "vocab_ranges": spec.vocab_ranges, "vocab_size": spec.vocab_size}
     blocks = {}
     for block_name, sublayers in spec.blocks.items():
         bpath = f"{path}.blocks.{block_name}"
@@ -319,8 +326,13 @@ def _plan(spec: ModelSpec, path: str) -> _Plan:
     mtp_blocks, mtp_loss_weight = [], 0.0
     if spec.mtp is not None:
         mtp_blocks, mtp_loss_weight = _plan_sequential_mtp(spec.mtp, blocks, f"{path}.mtp")
+    token_embedding = None
+    if spec.token_embedding is not None:
+        if spec.mtp is not None:
+            raise SpecError(f"{path}.mtp: sequential MTP modules embed future tokens with the plain token table; drop token_embedding or mtp")
+        token_embedding = _component("token_embedding", spec.token_embedding, f"{path}.token_embedding", inherited)
     final_norm = _component("norm", spec.final_norm, f"{path}.final_norm", inherited)
-    return _Plan(layers, final_norm, embeddings, mtp_blocks, mtp_loss_weight)
+    return _Plan(layers, final_norm, embeddings, token_embedding, mtp_blocks, mtp_loss_weight)
 
 
 def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
@@ -331,8 +343,10 @@ def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
     if plan.mtp_blocks:
         mtp = SequentialMTP(spec.d_model, [block(b) for b in plan.mtp_blocks], plan.final_norm.build, plan.mtp_loss_weight)
     embeddings = [e.build() for e in plan.input_embeddings]
+    token_embedding = plan.token_embedding.build() if plan.token_embedding else None
     return SomaModel(
-        spec.vocab_size, spec.d_model, [block(layer) for layer in plan.layers], plan.final_norm.build(), spec.predictor_bias, embeddings, mtp
+        spec.vocab_size, spec.d_model, [block(layer) for layer in plan.layers], plan.final_norm.build(), spec.predictor_bias, embeddings, mtp,
+        token_embedding,
     )
 
 

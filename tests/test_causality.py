@@ -40,6 +40,7 @@ CASES = {
             {"num_heads": 2, "num_v_heads": 4, "head_dim": 8},
             {"num_heads": 1, "num_v_heads": 2, "head_dim": 8, "conv_size": 2, "impl": "recurrent"},
         ],
+        "graph_attention": [{"num_heads": 4}, {"num_heads": 2, "impl": "reference"}],  # reads SOSM's graph
     },
     "ffn": {
         "gelu_mlp": [{"hidden_dim": 32}],
@@ -66,6 +67,8 @@ def test_every_registered_component_is_causal(kind, name, args):
         arch["vocab_ranges"] = {"bytes": [0, 128], "high": [128, 256], "specials": [256, 264]}
     else:
         arch["blocks"]["layer"][0 if kind == "mixer" else 1][kind] = {"type": name, **args}
+    if name == "graph_attention":
+        arch["token_embedding"] = {"type": "semantic_state", "graph": {"top_k": 3, "threshold": 0.0, "chunk_size": 8}}
     _assert_causal(build_model(arch))
 
 
@@ -98,3 +101,13 @@ def test_hybrid_model_with_documents_and_mtp_is_causal():
     with torch.no_grad():
         reps_c = model.encode(c, doc_ids=doc_ids)
     torch.testing.assert_close(reps_a[:, 20:], reps_c[:, 20:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("graph", [{}, {"mutual": True, "adaptive_k": [1, 4], "ema": 0.5, "temporal_gate": 16.0, "threshold": 0.0}])
+def test_sosm_model_is_causal(graph):
+    """The leak test: the original SOSM's graph let position i see i+1; here every edge points back."""
+    from soma_lightning import load_spec
+
+    spec = load_spec("specs/sosm_tiny.yaml")
+    spec.token_embedding["graph"] |= graph | {"chunk_size": 16}
+    _assert_causal(build_model(spec))

@@ -62,7 +62,9 @@ class Encoder(nn.Module):
 
 class SomaModel(nn.Module):
     """`input_embeddings` are modules mapping token ids [B, T] to [B, T, D], added to the token embedding;
-    `mtp`: DeepSeek-V3-style multi-token-prediction modules after the last layer (training only)."""
+    `mtp`: DeepSeek-V3-style multi-token-prediction modules after the last layer (training only);
+    `token_embedding`: a module called as `(tokens, ctx) -> [B, T, D]` in place of the plain token table
+    (SOSM's semantic state, which also builds the graph its attention reads from the context)."""
 
     def __init__(
         self,
@@ -73,9 +75,10 @@ class SomaModel(nn.Module):
         predictor_bias: bool = True,
         input_embeddings: list[nn.Module] = (),
         mtp: SequentialMTP | None = None,
+        token_embedding: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.embedding = nn.Embedding(vocab_size, d_model) if token_embedding is None else token_embedding
         self.input_embeddings = nn.ModuleList(input_embeddings)
         self.encoder = Encoder(layers)
         self.final_norm = final_norm
@@ -88,7 +91,7 @@ class SomaModel(nn.Module):
         return SequenceContext(positions=positions, doc_ids=doc_ids, structure=structure)
 
     def _hidden(self, tokens: Tensor, ctx: SequenceContext) -> Tensor:
-        x = self.embedding(tokens)
+        x = self.embedding(tokens) if isinstance(self.embedding, nn.Embedding) else self.embedding(tokens, ctx)
         for embedding in self.input_embeddings:
             x = x + embedding(tokens)
         return self.encoder(x, ctx)

@@ -1,0 +1,142 @@
+"""Causal attention over the per-sequence semantic graph of SOSM (semantic_graph.py).
+
+Query i of row b attends only to its neighbours graph.neighbors[b, i, :] (key positions j <= i, -1 for an
+empty slot, the self edge always present), each score shifted by a learned bias per head and edge type.
+Neighbours within a row must be distinct. Three equal forms:
+    gather     keys and values gathered per (query, slot): O(T * E) memory, CPU and GPU ("auto")
+    flex       FlexAttention, the graph as block mask and the bias as score_mod (CUDA)
+    reference  a dense [B, T, T] mask and [B, H, T, T] bias scattered from the edge lists (tests)
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soma_lightning.nn.attention import masked_attention_reference
+from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.gqa import flex
+from soma_lightning.nn.rope import apply_rope, rope_angles
+from soma_lightning.nn.semantic_graph import EDGE_TYPES
+
+
+
+def slot_bias(edge_bias: Tensor, edge_type: Tensor) -> Tensor:
+    """[H, len(EDGE_TYPES)] table, [B, T, E] edge types -> [B, H, T, E] score bias per slot (empty slots
+    read type 0; they are masked anyway)."""
+    return edge_bias[:, edge_type.clamp(min=0)].transpose(0, 1)
+
+
+def gather_attention(q: Tensor, k: Tensor, v: Tensor, neighbors: Tensor, bias: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """q, k, v [B, H, T, hd], neighbors [B, T, E], bias [B, H, T, E] -> [B, H, T, hd]: softmax over each
+    query's E slots only, scores in float32."""
+    b, h, t, hd = k.shape
+    e = neighbors.shape[-1]
+    index = neighbors.clamp(min=0).view(b, 1, t * e, 1).expand(b, h, t * e, hd)
+    k_slots = k.gather(2, index).view(b, h, t, e, hd)
+    v_slots = v.gather(2, index).view(b, h, t, e, hd)
+    scores = torch.einsum("bhtd,bhted->bhte", q, k_slots).float() / math.sqrt(hd) + bias.float()
+    scores = scores.masked_fill(neighbors[:, None] < 0, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p).to(v.dtype)
+    return torch.einsum("bhte,bhted->bhtd", probs, v_slots)
+
+
+def dense_graph(neighbors: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """neighbors [B, T, E], bias [B, H, T, E] -> ([B, 1, T, T] bool mask, [B, H, T, T] bias). Empty slots
+    scatter into a spare last column, then dropped, so they never overwrite an edge."""
+    b, h, t, e = bias.shape
+    columns = neighbors.masked_fill(neighbors < 0, t)
+    mask = torch.zeros(b, t, t + 1, dtype=torch.bool, device=neighbors.device).scatter_(2, columns, True)
+    dense = bias.new_zeros(b, h, t, t + 1).scatter(3, columns[:, None].expand(b, h, t, e), bias)
+    return mask[:, None, :, :t], dense[..., :t]
+
+
+def graph_block_mask(neighbors: Tensor):
+    """The graph as a FlexAttention BlockMask: kv visible from q when it is one of q's E neighbours."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, t, e = neighbors.shape
+
+    def mask_mod(b_idx, h, q_idx, kv_idx):
+        hit = neighbors[b_idx, q_idx, 0] == kv_idx
+        for slot in range(1, e):
+            hit = hit | (neighbors[b_idx, q_idx, slot] == kv_idx)
+        return hit
+
+    return create_block_mask(mask_mod, b, None, t, t, device=neighbors.device)
+
+
+def graph_score_mod(neighbors: Tensor, bias: Tensor):
+    """`bias` [B, H, T, E] as a FlexAttention score_mod: the bias of the slot holding kv."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for slot in range(neighbors.shape[-1]):
+            score = score + torch.where(neighbors[b, q_idx, slot] == kv_idx, bias[b, h, q_idx, slot], 0.0)
+        return score
+
+    return score_mod
+
+
+class GraphAttention(nn.Module):
+    """Multi-head attention along the edges of `ctx.cache["semantic_graph"]` (put there by the model before
+    the layers run), RoPE on q/k, plus a learned bias per (head, edge type), zero at the start. impl "auto"
+    is "gather". "flex" has no backward on CPU: the CPU tests check its forward, only GPU tests its
+    training. Attention dropout applies on the gather path only."""
+
+    default_name = "attention"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        rope_base: float = 10000.0,
+        dropout: float = 0.0,
+        impl: Literal["auto", "gather", "flex", "reference"] = "auto",
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0:
+            raise ValueError(f"num_heads: must be positive, got {num_heads}")
+        head_dim = head_dim or d_model // num_heads
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"head_dim: must be positive and even for RoPE, got {head_dim}")
+        if impl not in ("auto", "gather", "flex", "reference"):
+            raise ValueError(f"impl: expected auto, gather, flex or reference, got {impl}")
+        self.num_heads, self.head_dim, self.rope_base = num_heads, head_dim, rope_base
+        self.dropout, self.impl = dropout, impl
+        self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
+        self.edge_bias = nn.Parameter(torch.zeros(num_heads, len(EDGE_TYPES)))
+        # A tensor, not a float: reading it back would sync the device on every forward.
+        self.last_edges_per_token: Tensor | float = 16.0  # a tensor after a forward: reading it waits for the device
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        graph = ctx.cache.get("semantic_graph")
+        if graph is None:
+            raise RuntimeError("GraphAttention needs ctx.cache['semantic_graph']: build the semantic graph before the layers run")
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
+        q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
+        self.last_edges_per_token = (graph.neighbors >= 0).sum().detach() / (b * t)
+        bias = slot_bias(self.edge_bias, graph.edge_type)
+        if self.impl == "reference":
+            y = masked_attention_reference(q, k, v, *dense_graph(graph.neighbors, bias))
+        elif self.impl == "flex":
+            if "semantic_graph_block_mask" not in ctx.cache:
+                ctx.cache["semantic_graph_block_mask"] = graph_block_mask(graph.neighbors)
+            y = flex(q, k, v, ctx.cache["semantic_graph_block_mask"], graph_score_mod(graph.neighbors, bias))
+        else:
+            y = gather_attention(q, k, v, graph.neighbors, bias, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections plus QK^T and AV over the edges per query of the last graph seen (16 before any)."""
+        projections = 2 * sum(p.weight.numel() for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        return projections + 4 * float(self.last_edges_per_token) * self.num_heads * self.head_dim

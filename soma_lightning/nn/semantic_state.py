@@ -1,0 +1,115 @@
+"""SOSM input: a per-token semantic "MU" state, read as named blocks, plus a temporal state, projected to d_model.
+
+MU is 16 contiguous blocks of 4 dims each, in the order of MU_BLOCKS. The semantic graph
+(semantic_graph.py) is built from MU and put in the sequence context for the graph attention layers; the
+projected state is the residual stream's input.
+"""
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.semantic_graph import BLOCK_DIM, MU_BLOCKS, GraphConfig, build_graph
+
+NUM_BLOCKS = len(MU_BLOCKS)
+MU_DIM = NUM_BLOCKS * BLOCK_DIM
+
+
+def mu_blocks(mu: Tensor) -> Tensor:
+    """[B, T, 64] -> [B, T, 16, 4], block n the n-th contiguous slice."""
+    return mu.unflatten(-1, (NUM_BLOCKS, BLOCK_DIM))
+
+
+def block_orthogonality(mu: Tensor) -> Tensor:
+    """Mean over positions and over the off-diagonal entries of the squared cosine-similarity (Gram) matrix
+    of a position's blocks: 0 when every block points elsewhere."""
+    blocks = F.normalize(mu_blocks(mu), dim=-1)
+    gram = blocks @ blocks.transpose(-1, -2)  # [B, T, 16, 16]
+    off_diagonal = ~torch.eye(NUM_BLOCKS, dtype=torch.bool, device=mu.device)
+    return gram[..., off_diagonal].pow(2).mean()
+
+
+def variance_hinge(mu: Tensor) -> Tensor:
+    """VICReg variance term: mean over MU dims of relu(1 - std over all batch * time positions)."""
+    std = torch.sqrt(mu.flatten(0, -2).float().var(dim=0, correction=0) + 1e-4)  # eps keeps the gradient finite at std 0
+    return F.relu(1 - std).mean()
+
+
+class SemanticStateEmbedding(nn.Module):
+    """The model's token embedding for SOSM: `forward(tokens, ctx)` returns x [B, T, d_model] and puts the
+    semantic graph of MU (`graph`: GraphConfig fields) in ctx.cache["semantic_graph"]; `embed(tokens)`
+    returns (x, mu [B, T, 64]).
+
+    MU is a factorised embedding (vocab -> factor_dim -> 64). With `block_attention`, each block also
+    runs a tiny causal single-head attention over the sequence within its own dims, mixed in through a
+    per-token, per-block sigmoid gate. The temporal state is a second per-token table, zero at the start
+    (positions enter later, through RoPE in the attention layers). After each forward, `aux_loss` holds
+    orthogonality_weight * block_orthogonality + variance_weight * variance_hinge of MU, and `stats` both
+    terms, detached."""
+
+    def __init__(
+        self,
+        d_model: int,
+        vocab_size: int,
+        factor_dim: int = 32,
+        temporal_dim: int = 32,
+        block_attention: bool = False,
+        orthogonality_weight: float = 0.01,
+        variance_weight: float = 0.01,
+        dropout: float = 0.0,
+        graph: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            self.graph = GraphConfig(**(graph or {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"graph: {e}") from None
+        for name, value in (("d_model", d_model), ("vocab_size", vocab_size), ("factor_dim", factor_dim), ("temporal_dim", temporal_dim)):
+            if value <= 0:
+                raise ValueError(f"{name}: must be positive, got {value}")
+        for name, value in (("orthogonality_weight", orthogonality_weight), ("variance_weight", variance_weight)):
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+        self.orthogonality_weight, self.variance_weight = orthogonality_weight, variance_weight
+        self.factor = nn.Embedding(vocab_size, factor_dim)
+        self.mu_proj = nn.Linear(factor_dim, MU_DIM, bias=False)
+        self.block_qkv = self.block_gate = None
+        if block_attention:
+            self.block_qkv = nn.Parameter(torch.randn(NUM_BLOCKS, BLOCK_DIM, 3 * BLOCK_DIM) / BLOCK_DIM**0.5)
+            self.block_gate = nn.Linear(MU_DIM, NUM_BLOCKS)
+        self.temporal = nn.Embedding(vocab_size, temporal_dim)
+        nn.init.zeros_(self.temporal.weight)
+        self.proj = nn.Linear(MU_DIM + temporal_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.aux_loss: Tensor | None = None
+        self.stats: dict[str, Tensor] = {}
+
+    def block_mix(self, mu: Tensor) -> Tensor:
+        """[B, T, 64] -> [B, T, 64]: mu + gate * (causal attention of each block with itself)."""
+        qkv = torch.einsum("btnc,ncd->bntd", mu_blocks(mu), self.block_qkv)  # [B, 16, T, 3 * size]
+        attended = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1), is_causal=True).transpose(1, 2)
+        gate = torch.sigmoid(self.block_gate(mu)).unsqueeze(-1)  # [B, T, 16, 1]
+        return mu + (gate * attended).flatten(-2)
+
+    def forward(self, tokens: Tensor, ctx: SequenceContext) -> Tensor:
+        x, mu = self.embed(tokens)
+        ctx.cache["semantic_graph"] = build_graph(mu.detach(), self.graph)
+        return x
+
+    def embed(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.mu_proj(self.factor(tokens))
+        if self.block_qkv is not None:
+            mu = self.block_mix(mu)
+        x = self.drop(self.norm(self.proj(torch.cat([mu, self.temporal(tokens)], dim=-1))))
+
+        orthogonality, variance = block_orthogonality(mu), variance_hinge(mu)
+        terms = ((self.orthogonality_weight, orthogonality), (self.variance_weight, variance))
+        self.aux_loss = sum((weight * term for weight, term in terms if weight), mu.new_zeros(()))
+        self.stats = {"orthogonality": orthogonality.detach(), "variance": variance.detach()}
+        return x, mu
