@@ -22,7 +22,7 @@ from soma_lightning.nn.delta_rule import gated_delta_rule
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 
-from cuda_timing import timed
+from timing import timed
 
 TOKENS = 32768
 

@@ -26,7 +26,7 @@ from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
 
-from cuda_timing import timed
+from timing import timed
 
 
 def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int) -> list[dict]:
