@@ -1,5 +1,6 @@
 """Lightning callbacks, installed as `soma_lightning.callbacks`."""
 
+from soma_lightning.callbacks.nonfinite import NonFiniteGuard
 from soma_lightning.callbacks.throughput import Throughput
 
-__all__ = ["Throughput"]
+__all__ = ["NonFiniteGuard", "Throughput"]
