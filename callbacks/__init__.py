@@ -1,6 +1,7 @@
 """Lightning callbacks, installed as `soma_lightning.callbacks`."""
 
 from soma_lightning.callbacks.nonfinite import NonFiniteGuard
+from soma_lightning.callbacks.safetensors_export import SafetensorsExport, load_exported
 from soma_lightning.callbacks.throughput import Throughput
 
-__all__ = ["NonFiniteGuard", "Throughput"]
+__all__ = ["NonFiniteGuard", "SafetensorsExport", "Throughput", "load_exported"]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from soma_lightning.data_modules.contract import PAD, tokenize
+from soma_lightning.checkpoint_io import atomic_write
 from soma_lightning.errors import UserError
 from soma_lightning.nn.model import SomaModel
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
@@ -115,16 +116,9 @@ def _check(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], whe
 
 
 def save_canonical(model: SomaModel, path: str | os.PathLike) -> None:
-    """Write the canonical safetensors file atomically (temporary name in the same directory, then rename)."""
+    """Write the canonical safetensors file atomically (checkpoint_io.atomic_write)."""
     tensors = canonical_state_dict(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))
 
 
 def read_canonical(path: str | os.PathLike) -> dict[str, Tensor]:

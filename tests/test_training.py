@@ -102,7 +102,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     io.save_checkpoint({"step": 1}, path)
 
     def broken_save(obj, f, *args, **kwargs):
-        f.write(b"partial")
+        Path(f).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -1,0 +1,101 @@
+"""SafetensorsExport: beside each Lightning .ckpt, the model's weights as `step=N.safetensors`, written
+atomically, keeping the newest N files."""
+
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.spec import ModelSpec, spec_from_dict
+from soma_lightning.v1 import WeightsError, canonical_state_dict, save_canonical
+
+SPEC_KEY = "soma_lightning_spec"
+_STEP_FILE = re.compile(r"step=(\d+)\.safetensors")
+
+
+def _detached_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict as contiguous CPU tensors, dtype kept. safetensors refuses tensors that share memory,
+    so a tied weight is stored as a copy under each of its names."""
+    tensors, storages = {}, set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
+    return tensors
+
+
+def _is_v1(model: nn.Module) -> bool:
+    """Whether the model is V1-shaped, by v1.py's own check: canonical_state_dict refuses any other model."""
+    try:
+        canonical_state_dict(model)
+    except WeightsError:
+        return False
+    return True
+
+
+def load_exported(path: str | os.PathLike) -> tuple[dict[str, Tensor], ModelSpec | None]:
+    """The tensors of an exported file and the spec in its metadata (None when it has none, as canonical
+    files): `build_model(spec).load_state_dict(tensors)` rebuilds a state_dict-layout export."""
+    with safe_open(str(path), framework="pt") as f:
+        spec = (f.metadata() or {}).get(SPEC_KEY)
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return tensors, None if spec is None else spec_from_dict(json.loads(spec))
+
+
+class SafetensorsExport(L.Callback):
+    """Whenever Lightning saves a checkpoint, writes the model's weights to `dirpath/step=N.safetensors`
+    (once per global step, on global rank zero), then deletes all but the `keep_last` highest steps.
+    `layout`: "canonical" is SOMA V1's canonical layout (v1.py), "state_dict" the model's own tensors with the
+    resolved spec and the step in the metadata (read back with `load_exported`), "auto" the canonical layout
+    for a V1-shaped model and state_dict otherwise. `dirpath` defaults to `<trainer.log_dir>/safetensors`."""
+
+    def __init__(self, dirpath: str | None = None, keep_last: int = 3, layout: Literal["auto", "canonical", "state_dict"] = "auto") -> None:
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+            raise ValueError(f"keep_last: expected a positive integer, got {keep_last!r}")
+        if layout not in ("auto", "canonical", "state_dict"):
+            raise ValueError(f"layout: expected 'auto', 'canonical' or 'state_dict', got {layout!r}")
+        self.dirpath = dirpath
+        self.keep_last = keep_last
+        self.layout = layout
+        self._dir: Path | None = None
+        self._canonical = False
+        self._last_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # On every rank: trainer.log_dir is a collective (a broadcast from rank zero).
+        self._dir = Path(self.dirpath or Path(trainer.log_dir) / "safetensors")
+        if self.layout == "canonical":
+            canonical_state_dict(pl_module.model)  # refuse a model that is not V1 now, with v1.py's reason
+        self._canonical = self.layout == "canonical" or (self.layout == "auto" and _is_v1(pl_module.model))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_step:
+            return
+        path = self._dir / f"step={step}.safetensors"
+        if self._canonical:
+            save_canonical(pl_module.model, path)
+        else:
+            metadata = {SPEC_KEY: json.dumps(asdict(pl_module.arch)), "global_step": str(step)}
+            tensors = _detached_state(pl_module.model)
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
+        self._last_step = step
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete all but the `keep_last` exports with the highest step numbers (from the names, not mtimes)."""
+        steps: dict[int, Path] = {}
+        for file in self._dir.iterdir():
+            if match := _STEP_FILE.fullmatch(file.name):
+                steps[int(match[1])] = file
+        for step in sorted(steps)[: -self.keep_last]:
+            steps[step].unlink(missing_ok=True)
