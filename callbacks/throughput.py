@@ -18,8 +18,9 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 class Throughput(L.Callback):
-    """Logs train/tokens_per_s, train/tflops and train/mfu (against the dense bf16 peak of the GPU, when
-    known), over the last `window` steps. FLOPs per token are the spec's analytic count (measure.py)."""
+    """Logs, and shows in the progress bar, train/tokens_per_s, train/tflops and train/mfu (against the dense
+    bf16 peak of the GPU, when known), over the last `window` steps. FLOPs per token are the spec's analytic
+    count (measure.py)."""
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
@@ -47,4 +48,4 @@ class Throughput(L.Callback):
         metrics = {"train/tokens_per_s": tokens_per_s, "train/tflops": flops / 1e12}
         if self.peak:
             metrics["train/mfu"] = flops / (self.peak * trainer.world_size)
-        pl_module.log_dict(metrics)
+        pl_module.log_dict(metrics, prog_bar=True)

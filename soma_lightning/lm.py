@@ -104,7 +104,8 @@ class SomaLM(L.LightningModule):
                 "train/moe_max_load": (loads.max(dim=1).values / loads.mean(dim=1)).mean(),
                 "train/moe_dropped_fraction": torch.stack([m.stats["dropped_fraction"] for m in routed]).mean(),
             }
-        self.log_dict(metrics | {"train/loss": loss})
+        self.log_dict(metrics)
+        self.log("train/loss", loss, prog_bar=True)
         self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True)
         return loss
 
