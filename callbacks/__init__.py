@@ -1,7 +1,8 @@
 """Lightning callbacks, installed as `soma_lightning.callbacks`."""
 
+from soma_lightning.callbacks.attribution import K1Attribution
 from soma_lightning.callbacks.nonfinite import NonFiniteGuard
 from soma_lightning.callbacks.safetensors_export import SafetensorsExport, load_exported
 from soma_lightning.callbacks.throughput import Throughput
 
-__all__ = ["NonFiniteGuard", "SafetensorsExport", "Throughput", "load_exported"]
+__all__ = ["K1Attribution", "NonFiniteGuard", "SafetensorsExport", "Throughput", "load_exported"]
