@@ -22,13 +22,9 @@ from soma_lightning.nn.delta_rule import gated_delta_rule
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 
-from timing import timed
+from timing import timed_ms
 
 TOKENS = 32768
-
-
-def ms(fn, steps: int) -> float:
-    return timed(fn, steps) * 1e3
 
 
 def layer_step(layer, x: torch.Tensor, ctx: SequenceContext | None):
@@ -55,16 +51,16 @@ def mixers(d: int, heads: int, head_dim: int, steps: int) -> list[dict]:
         gdn = GatedDeltaNet(d, num_heads=heads // 2, num_v_heads=heads, head_dim=head_dim).cuda()
         attn = GroupedQueryAttention(d, num_heads=heads, num_kv_heads=heads, head_dim=head_dim, impl="sdpa").cuda()
         row = {"seq_len": seq_len, "batch": batch,
-               "gdn_layer_ms": ms(layer_step(gdn, packed, docs), steps), "attention_layer_ms": ms(layer_step(attn, x, ctx), steps)}
+               "gdn_layer_ms": timed_ms(layer_step(gdn, packed, docs), steps), "attention_layer_ms": timed_ms(layer_step(attn, x, ctx), steps)}
 
         q, k = (torch.randn(1, TOKENS, heads // 2, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         v = torch.randn(1, TOKENS, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = F.logsigmoid(torch.randn(1, TOKENS, heads, device="cuda")).requires_grad_()
         beta = torch.rand(1, TOKENS, heads, device="cuda").requires_grad_()
         resets = docs.doc_ids.diff(dim=1, prepend=docs.doc_ids[:, :1]) != 0
-        row["delta_rule_op_ms"] = ms(lambda: gated_delta_rule(q, k, v, g, beta, resets, impl="fla").sum().backward(), steps)
+        row["delta_rule_op_ms"] = timed_ms(lambda: gated_delta_rule(q, k, v, g, beta, resets, impl="fla").sum().backward(), steps)
         qt, kt, vt = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        row["sdpa_op_ms"] = ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).sum().backward(), steps)
+        row["sdpa_op_ms"] = timed_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).sum().backward(), steps)
         rows.append(row)
     return rows
 
@@ -81,7 +77,7 @@ def against_fla(d: int, heads: int, head_dim: int, steps: int) -> list[dict]:
         theirs = FlaGatedDeltaNet(hidden_size=d, expand_v=1, head_dim=head_dim, num_heads=heads // 2, num_v_heads=heads,
                                   use_gate=True, output_gate_activation="sigmoid", conv_size=4, norm_eps=1e-6).cuda()
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-        t_ours, t_theirs = ms(layer_step(ours, x, ctx), steps), ms(layer_step(theirs, x, None), steps)
+        t_ours, t_theirs = timed_ms(layer_step(ours, x, ctx), steps), timed_ms(layer_step(theirs, x, None), steps)
         rows.append({"seq_len": seq_len, "batch": batch, "ours_ms": t_ours, "fla_ms": t_theirs, "ratio": t_ours / t_theirs,
                      "ours_params": n_ours, "fla_params": n_theirs})
     return rows

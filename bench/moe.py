@@ -26,7 +26,7 @@ from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
 
-from timing import timed
+from timing import timed, timed_ms
 
 
 def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int) -> list[dict]:
@@ -93,7 +93,7 @@ def attention_ops(seq_len: int, steps: int) -> dict:
         "local+global (flex)": lambda: flex(q, with_global_keys(k, 1024), with_global_keys(v, 1024), mask).sum().backward(),
         "full causal (sdpa)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward(),
     }
-    return {name: timed(run, steps, 3) * 1e3 for name, run in runs.items()}
+    return {name: timed_ms(run, steps) for name, run in runs.items()}
 
 
 def with_ffn(arch, ffn: dict):

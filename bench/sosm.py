@@ -18,11 +18,7 @@ from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.graph_attention import GraphAttention
 from soma_lightning.nn.semantic_graph import GraphConfig, build_graph
 
-from timing import timed
-
-
-def ms(fn, steps: int, device: torch.device) -> float:
-    return timed(fn, steps, warmup=2, device=device) * 1e3
+from timing import timed_ms
 
 
 def main() -> None:
@@ -43,7 +39,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        row = {"seq_len": t, "build_ms": ms(lambda: build_graph(state, graph_cfg), args.steps, device)}
+        row = {"seq_len": t, "build_ms": timed_ms(lambda: build_graph(state, graph_cfg), args.steps, warmup=2, device=device)}
         if device.type == "cuda":
             row["build_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         graph = build_graph(state, graph_cfg)
@@ -61,7 +57,7 @@ def main() -> None:
                 y.float().square().mean().backward()
 
             try:
-                row[f"{impl}_ms"] = ms(step, args.steps, device)
+                row[f"{impl}_ms"] = timed_ms(step, args.steps, warmup=2, device=device)
             except torch.OutOfMemoryError:
                 row[f"{impl}_ms"] = None
                 torch.cuda.empty_cache()

@@ -111,8 +111,8 @@ class GraphAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
         self.edge_bias = nn.Parameter(torch.zeros(num_heads, len(EDGE_TYPES)))
-        # A tensor, not a float: reading it back would sync the device on every forward.
-        self.last_edges_per_token: Tensor | float = 16.0  # a tensor after a forward: reading it waits for the device
+        # Kept as a tensor after a forward (reading it back would sync the device on every forward); 16 before any.
+        self.last_edges_per_token: Tensor | float = 16.0
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         graph = ctx.cache.get("semantic_graph")
