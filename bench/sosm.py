@@ -61,6 +61,9 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 row[f"{impl}_ms"] = None
                 torch.cuda.empty_cache()
+            except Exception as e:  # a kernel that fails to compile: report it, measure the others
+                row[f"{impl}_ms"] = None
+                row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[-1][:200]}"
         rows.append(row)
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     json.dump({"device": str(device), "batch": args.batch, "graph": vars(graph_cfg), "rows": rows}, open(args.out, "w"), indent=1)

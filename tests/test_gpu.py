@@ -128,3 +128,21 @@ def test_hybrid_model_on_the_fla_path_is_causal_with_documents():
         reps_a, reps_b = (model.encode(x, doc_ids=doc_ids) for x in (a, b))
     assert (reps_a[:, : t + 1] - reps_b[:, : t + 1]).abs().max() < 1e-2 * reps_a.abs().max()
     assert (reps_a[:, t + 1 :] - reps_b[:, t + 1 :]).abs().max() > 0.1 * reps_a.abs().max()
+
+
+@cuda
+def test_graph_attention_flex_equals_reference_values_and_gradients():
+    from test_sosm_layers import attention, graph_ctx, random_graph
+
+    b, t = 2, 512
+    attn, graph = attention(d_model=256, num_heads=4), random_graph(b, t)
+    attn = attn.cuda()
+    graph = type(graph)(*(f.cuda() for f in graph))
+    x = torch.randn(b, t, 256, device="cuda", requires_grad=True)
+    results = {}
+    for impl in ("flex", "reference"):
+        attn.impl = impl
+        y = attn(x, graph_ctx(graph))
+        results[impl] = (y, *torch.autograd.grad(y.square().mean(), [x, attn.q_proj.weight, attn.edge_bias]))
+    for got, want in zip(results["flex"], results["reference"]):
+        assert _rel(got, want) < 1e-3

@@ -30,7 +30,7 @@ def random_graph(b: int, t: int, e: int = 6) -> Graph:
 
 def graph_ctx(graph: Graph) -> SequenceContext:
     b, t, _ = graph.neighbors.shape
-    return SequenceContext(positions=torch.arange(t).expand(b, -1), cache={"semantic_graph": graph})
+    return SequenceContext(positions=torch.arange(t, device=graph.neighbors.device).expand(b, -1), cache={"semantic_graph": graph})
 
 
 def attention(d_model: int = 24, num_heads: int = 3, **kwargs) -> GraphAttention:

@@ -128,14 +128,14 @@ def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | N
     return score_mod
 
 
-def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None) -> Tensor:
+def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: dict | None = None) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     if q.is_cuda and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     run = _compiled_flex if q.is_cuda else flex_attention
-    return run(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return run(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options)
 
 
 class GroupedQueryAttention(nn.Module):

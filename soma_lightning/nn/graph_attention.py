@@ -68,13 +68,21 @@ def graph_block_mask(neighbors: Tensor):
     return create_block_mask(mask_mod, b, None, t, t, device=neighbors.device)
 
 
-def graph_score_mod(neighbors: Tensor, bias: Tensor):
-    """`bias` [B, H, T, E] as a FlexAttention score_mod: the bias of the slot holding kv."""
+# The score_mod's captured graph tensors make the default backward tiles overflow shared memory at head_dim
+# 128 on H100 (297 KB asked, 232 KB there); half-height tiles fit.
+FLEX_BACKWARD_TILES = {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+
+
+def graph_score_mod(neighbors: Tensor, edge_type: Tensor, edge_bias: Tensor):
+    """The per-(head, edge type) bias as a FlexAttention score_mod: find the type of the edge q -> kv among
+    q's slots (kv off the graph reads type 0; the block mask hides it), then read `edge_bias` [H, types]
+    once. FlexAttention's backward allows only one indexing of a tensor that needs gradients."""
 
     def score_mod(score, b, h, q_idx, kv_idx):
+        kind = torch.zeros_like(kv_idx)
         for slot in range(neighbors.shape[-1]):
-            score = score + torch.where(neighbors[b, q_idx, slot] == kv_idx, bias[b, h, q_idx, slot], 0.0)
-        return score
+            kind = torch.where(neighbors[b, q_idx, slot] == kv_idx, edge_type[b, q_idx, slot], kind)
+        return score + edge_bias[h, kind]
 
     return score_mod
 
@@ -125,14 +133,15 @@ class GraphAttention(nn.Module):
         angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
         q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
         self.last_edges_per_token = (graph.neighbors >= 0).sum().detach() / (b * t)
-        bias = slot_bias(self.edge_bias, graph.edge_type)
-        if self.impl == "reference":
-            y = masked_attention_reference(q, k, v, *dense_graph(graph.neighbors, bias))
-        elif self.impl == "flex":
+        if self.impl == "flex":
             if "semantic_graph_block_mask" not in ctx.cache:
                 ctx.cache["semantic_graph_block_mask"] = graph_block_mask(graph.neighbors)
-            y = flex(q, k, v, ctx.cache["semantic_graph_block_mask"], graph_score_mod(graph.neighbors, bias))
+            score_mod = graph_score_mod(graph.neighbors, graph.edge_type.clamp(min=0), self.edge_bias)
+            y = flex(q, k, v, ctx.cache["semantic_graph_block_mask"], score_mod, FLEX_BACKWARD_TILES)
+        elif self.impl == "reference":
+            y = masked_attention_reference(q, k, v, *dense_graph(graph.neighbors, slot_bias(self.edge_bias, graph.edge_type)))
         else:
+            bias = slot_bias(self.edge_bias, graph.edge_type)
             y = gather_attention(q, k, v, graph.neighbors, bias, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
