@@ -2,7 +2,8 @@
 
 from soma_lightning.callbacks.attribution import K1Attribution
 from soma_lightning.callbacks.nonfinite import NonFiniteGuard
+from soma_lightning.callbacks.preemption import PreemptionCheckpoint
 from soma_lightning.callbacks.safetensors_export import SafetensorsExport, load_exported
 from soma_lightning.callbacks.throughput import Throughput
 
-__all__ = ["K1Attribution", "NonFiniteGuard", "SafetensorsExport", "Throughput", "load_exported"]
+__all__ = ["K1Attribution", "NonFiniteGuard", "PreemptionCheckpoint", "SafetensorsExport", "Throughput", "load_exported"]

@@ -12,6 +12,8 @@ import lightning as L
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from soma_lightning.checkpoint_io import atomic_write
 from soma_lightning.spec import ModelSpec, spec_from_dict
@@ -21,11 +23,16 @@ SPEC_KEY = "soma_lightning_spec"
 _STEP_FILE = re.compile(r"step=(\d+)\.safetensors")
 
 
-def _detached_state(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict as contiguous CPU tensors, dtype kept. safetensors refuses tensors that share memory,
-    so a tied weight is stored as a copy under each of its names."""
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """The full state dict as contiguous CPU tensors, dtype kept. Under FSDP2 the shards are gathered, so
+    every rank must call this. safetensors refuses tensors that share memory, so a tied weight is stored
+    as a copy under each of its names."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
     tensors, storages = {}, set()
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         tensor = value.detach().to("cpu").contiguous()
         storage = tensor.untyped_storage().data_ptr()
         tensors[key] = tensor.clone() if storage in storages else tensor
@@ -33,7 +40,17 @@ def _detached_state(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def _is_v1(model: nn.Module) -> bool:
+def write_safetensors(model: nn.Module, tensors: dict[str, Tensor], arch: ModelSpec, path: str | os.PathLike, canonical: bool, step: int | None = None) -> None:
+    """Write a model's full state (`tensors`, from `full_state`) atomically: SOMA V1's canonical layout, or
+    the state dict with the resolved spec (and the step) in the metadata."""
+    if canonical:
+        save_canonical(model, path, tensors)
+        return
+    metadata = {SPEC_KEY: json.dumps(asdict(arch))} | ({} if step is None else {"global_step": str(step)})
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata))
+
+
+def is_v1(model: nn.Module) -> bool:
     """Whether the model is V1-shaped, by v1.py's own check: canonical_state_dict refuses any other model."""
     try:
         canonical_state_dict(model)
@@ -75,21 +92,17 @@ class SafetensorsExport(L.Callback):
         self._dir = Path(self.dirpath or Path(trainer.log_dir) / "safetensors")
         if self.layout == "canonical":
             canonical_state_dict(pl_module.model)  # refuse a model that is not V1 now, with v1.py's reason
-        self._canonical = self.layout == "canonical" or (self.layout == "auto" and _is_v1(pl_module.model))
+        self._canonical = self.layout == "canonical" or (self.layout == "auto" and is_v1(pl_module.model))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_step:
+        if step == self._last_step:
             return
-        path = self._dir / f"step={step}.safetensors"
-        if self._canonical:
-            save_canonical(pl_module.model, path)
-        else:
-            metadata = {SPEC_KEY: json.dumps(asdict(pl_module.arch)), "global_step": str(step)}
-            tensors = _detached_state(pl_module.model)
-            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
+        tensors = full_state(pl_module.model)  # on every rank: gathering FSDP2 shards is a collective
         self._last_step = step
-        self._prune()
+        if trainer.is_global_zero:
+            write_safetensors(pl_module.model, tensors, pl_module.arch, self._dir / f"step={step}.safetensors", self._canonical, step)
+            self._prune()
 
     def _prune(self) -> None:
         """Delete all but the `keep_last` exports with the highest step numbers (from the names, not mtimes)."""

@@ -7,12 +7,16 @@ from glob import glob
 from pathlib import Path
 
 import jsonargparse
+import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, LightningArgumentParser
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from soma_lightning.callbacks import PreemptionCheckpoint
+from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write_safetensors
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.data_modules.byte_corpus import source_files
@@ -22,14 +26,15 @@ from soma_lightning.measure import count_parameters, forward_flops_per_token, tr
 from soma_lightning.nn.semantic_graph import EDGE_TYPES, build_graph
 from soma_lightning.nn.semantic_state import SemanticStateEmbedding
 from soma_lightning.spec import SpecError, build_model, load_spec
-from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, save_canonical, score
+from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, score
 
 
 DESCRIPTION = (
     "soma-lightning: train, validate, test and predict with a spec (LightningCLI subcommands below). "
     "Also: `soma-lightning inspect --config SPEC` (parameters, FLOPs, block pattern), "
-    "`soma-lightning export --ckpt RUN --out FILE` and `soma-lightning score --weights FILE --data PATH` "
-    "(SOMA V1 canonical weights and the on-chain loss), `soma-lightning graph --ckpt RUN --text TEXT` (the "
+    "`soma-lightning export --ckpt RUN --out FILE` (one safetensors file from a checkpoint, sharded ones "
+    "consolidated; SOMA V1 in its canonical layout), `soma-lightning score --weights FILE --data PATH` (the on-chain loss "
+    "of canonical V1 weights), `soma-lightning graph --ckpt RUN --text TEXT` (the "
     "semantic graph a SOSM model builds); each has --help."
 )
 
@@ -48,6 +53,14 @@ class SomaCLI(LightningCLI):
                 "checkpoint.filename": "best-{step}",
             }
         )
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning rejects a bad strategy, accelerator or precision with a ValueError; that is the user's
+        mistake in a `trainer.*` key."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as e:
+            raise UserError(f"trainer: {e}") from None
 
     def before_fit(self) -> None:
         """`--ckpt_path last`: the newest last.ckpt of any earlier version of this run's logger directory."""
@@ -69,6 +82,7 @@ def cli_main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
         parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
         args=args,
     )
@@ -132,12 +146,13 @@ def inspect_main(args: list[str]) -> None:
 
 
 def _checkpoint_of(path: str, which: str) -> Path:
-    """A .ckpt file, or the best / last checkpoint of a run directory (runs/NAME/version_N)."""
+    """A checkpoint (a .ckpt file, or a sharded checkpoint folder), or the best / last checkpoint of a run
+    directory (runs/NAME/version_N)."""
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or (p / SHARDED_METADATA).is_file():
         return p
     if not p.is_dir():
-        raise UserError(f"--ckpt: {path!r} is neither a checkpoint file nor a run directory")
+        raise UserError(f"--ckpt: {path!r} is neither a checkpoint nor a run directory")
     folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
     found = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime)
@@ -146,28 +161,51 @@ def _checkpoint_of(path: str, which: str) -> Path:
     return found[-1]
 
 
+SHARDED_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
+
+
+def _load_sharded(path: Path) -> SomaLM:
+    """A SomaLM holding the full weights of a sharded (torch.distributed.checkpoint) checkpoint folder,
+    read in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    module = SomaLM(**(meta["hyper_parameters"] | {"init_weights": None}))
+    state = {"state_dict": module.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    module.load_state_dict(state["state_dict"])
+    return module
+
+
 def _load_run(ckpt: str, which: str) -> tuple[Path, SomaLM]:
     path = _checkpoint_of(ckpt, which)
     try:
+        if path.is_dir():
+            return path, _load_sharded(path)
         return path, SomaLM.load_from_checkpoint(path, map_location="cpu", init_weights=None)
-    except (KeyError, RuntimeError, OSError, EOFError) as e:
+    except (KeyError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise UserError(f"--ckpt: {path} is not a soma-lightning checkpoint ({type(e).__name__}: {e})") from None
 
 
-def export_checkpoint(ckpt: str, out: str, which: str = "best") -> dict:
-    """Write a V1 run's weights in the canonical safetensors layout (389 keys for the full model, F32)."""
+def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: str = "auto") -> dict:
+    """Write a run's weights as one safetensors file: a .ckpt, or a sharded FSDP2 checkpoint folder
+    consolidated. `layout`: canonical (SOMA V1's layout, 389 keys for the full model, F32), state_dict (the
+    model's own tensors with the resolved spec in the metadata), auto (canonical for a V1-shaped model)."""
     path, module = _load_run(ckpt, which)
-    save_canonical(module.model, out)
-    return {"ckpt": str(path), "out": out, "keys": len(module.model.state_dict()), "parameters": count_parameters(module.model)[0]}
+    canonical = layout == "canonical" or (layout == "auto" and is_v1(module.model))
+    tensors = full_state(module.model)
+    write_safetensors(module.model, tensors, module.arch, out, canonical)
+    return {"ckpt": str(path), "out": out, "layout": "canonical" if canonical else "state_dict", "keys": len(tensors), "parameters": count_parameters(module.model)[0]}
 
 
 def export_main(args: list[str]) -> None:
     parser = jsonargparse.ArgumentParser(prog="soma-lightning export", description=export_checkpoint.__doc__, exit_on_error=False)
-    parser.add_argument("--ckpt", required=True, help="a .ckpt file, or a run directory (runs/NAME/version_N)")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file, a sharded checkpoint folder, or a run directory (runs/NAME/version_N)")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     parser.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint of a run directory")
+    parser.add_argument("--layout", choices=["auto", "canonical", "state_dict"], default="auto")
     cfg = parser.parse_args(args)
-    print(json.dumps(export_checkpoint(cfg.ckpt, cfg.out, cfg.which)))
+    print(json.dumps(export_checkpoint(cfg.ckpt, cfg.out, cfg.which, cfg.layout)))
 
 
 def read_data(path: str) -> bytes:

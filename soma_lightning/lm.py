@@ -4,6 +4,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -37,7 +38,14 @@ class SomaLM(L.LightningModule):
     noise_seed + s. Validation noise for batch b is the canonical scorer's (soma-arrgen, noise_seed + b), so
     that `val/onchain_loss` is the loss `soma-lightning score` reports for the val split (one device,
     val_seq_len 1024 and val_batch_size 16, as the scorer). `init_weights`: a canonical V1 safetensors
-    file to start from."""
+    file to start from.
+
+    Every micro-batch reseeds torch's generators from (noise_seed, step, micro-batch, rank), so dropout
+    masks are a function of the data position and a resumed run draws the same ones.
+    `activation_checkpointing`: recompute each block in backward instead of keeping its activations.
+    `compile`: torch.compile each block. Both are applied in `configure_model`, before a strategy shards
+    the model (FSDP2 through ModelParallelStrategy: one `fully_shard` unit per block, then the root), so
+    they work the same under every strategy."""
 
     def __init__(
         self,
@@ -46,12 +54,18 @@ class SomaLM(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         noise_seed: int = 0,
         init_weights: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(arch, dict):  # hyper-parameters read back from a checkpoint
             arch, sigreg, optim = spec_from_dict(arch), SIGRegConfig(**sigreg), OptimConfig(**optim)
-        self.save_hyperparameters({"arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed, "init_weights": init_weights})
+        self.save_hyperparameters({
+            "arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed, "init_weights": init_weights,
+            "activation_checkpointing": activation_checkpointing, "compile": compile,
+        })
         self.arch, self.sigreg, self.optim, self.noise_seed = arch, sigreg, optim, noise_seed
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model = build_model(arch)
         if init_weights is not None:
             load_canonical(self.model, read_canonical(init_weights), init_weights)
@@ -59,6 +73,34 @@ class SomaLM(L.LightningModule):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, positions)
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, then torch.compile per block, then FSDP2 sharding when the strategy
+        provides a device mesh (the order torchtitan uses). Lightning may call this more than once."""
+        if getattr(self, "_configured", False):
+            return
+        self._configured = True
+        self.model.encoder.activation_checkpointing = self.activation_checkpointing
+        if self.compile_blocks:
+            for layer in self.model.encoder.layers:
+                layer.compile()
+        if self.device_mesh is not None:
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.encoder.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            for method in ("encode", "encode_with_mtp", "predict"):  # SomaLM calls these, not forward
+                register_fsdp_forward_method(self.model, method)
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        seed = np.random.SeedSequence([self.noise_seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
+        torch.manual_seed(int(seed))
+        # Loggers number steps by this counter, which Lightning restores one off after some resumes (a run
+        # ended by `trainer.should_stop`); with one optimizer it is the global step by definition.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Refuse ids outside the vocabulary or the declared token space here, with the id and its place,
@@ -104,9 +146,9 @@ class SomaLM(L.LightningModule):
                 "train/moe_max_load": (loads.max(dim=1).values / loads.mean(dim=1)).mean(),
                 "train/moe_dropped_fraction": torch.stack([m.stats["dropped_fraction"] for m in routed]).mean(),
             }
-        self.log_dict(metrics)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True)
+        self.log_dict(metrics, sync_dist=True)  # the mean over ranks: the global batch's value under data parallelism
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:

@@ -91,11 +91,12 @@ def _v1_dims(model: SomaModel) -> tuple[int, int, int, int]:
     return model.embedding.embedding_dim, len(model.encoder.layers), hidden_dim, model.embedding.num_embeddings
 
 
-def canonical_state_dict(model: SomaModel) -> dict[str, Tensor]:
-    """The model's weights in the canonical V1 layout; WeightsError if the model is not V1-shaped."""
+def canonical_state_dict(model: SomaModel, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The model's weights (or `state`, a full state dict of it, e.g. gathered from FSDP2 shards) in the
+    canonical V1 layout; WeightsError if the model is not V1-shaped."""
     names = _canonical_names(model)
     tensors = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state is None else state).items():
         canonical, transposed = names.get(key, (key, False))
         tensors[canonical] = (value.t() if transposed else value).detach().to("cpu", torch.float32).contiguous()
     _check(tensors, canonical_shapes(*_v1_dims(model)), "model")
@@ -115,9 +116,9 @@ def _check(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], whe
             raise WeightsError(f"{where}: {key!r} has dtype {tensors[key].dtype}, expected F32")
 
 
-def save_canonical(model: SomaModel, path: str | os.PathLike) -> None:
+def save_canonical(model: SomaModel, path: str | os.PathLike, state: dict[str, Tensor] | None = None) -> None:
     """Write the canonical safetensors file atomically (checkpoint_io.atomic_write)."""
-    tensors = canonical_state_dict(model)
+    tensors = canonical_state_dict(model, state)
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))
 
 

@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +52,36 @@ def train_tiny_spec(spec: str, tmp_path, steps: int = 60) -> list[dict]:
     cli_main(["fit", "--config", str(path)])
     name = cfg["trainer"]["logger"]["init_args"]["name"]
     return list(csv.DictReader(open(tmp_path / "runs" / name / "version_0" / "metrics.csv")))
+
+
+def run_config(tmp_path: Path, name: str, max_steps: int, dropout: float = 0.1, **trainer: object) -> Path:
+    """A tiny V1-shaped run on 60 KB of tiny Shakespeare, CPU, deterministic, logging every step; `trainer`
+    overrides Trainer arguments."""
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(open("soma_lightning/corpora/tinyshakespeare.txt").read()[:60_000])
+    cfg = {
+        "seed_everything": 1,
+        "model": {"arch": tiny_v1_arch(d_model=32, hidden_dim=64, dropout=dropout), "optim": {"lr": 3e-3, "warmup_steps": 2}},
+        "data": {"class_path": "soma_lightning.data_modules.ByteCorpus", "init_args": {"source": str(corpus), "seq_len": 32, "batch_size": 4, "val_seq_len": 64}},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": max_steps,
+            "val_check_interval": 4,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": True,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}},
+        } | trainer,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_losses(metrics_csv: Path, key: str = "train/loss") -> dict[int, float]:
+    rows = csv.DictReader(open(metrics_csv))
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}

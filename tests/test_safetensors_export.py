@@ -18,7 +18,7 @@ from soma_lightning.lm import SomaLM
 from soma_lightning.spec import build_model, spec_from_dict
 from soma_lightning.v1 import WeightsError, model_from_canonical
 from conftest import tiny_v1_arch
-from test_training import _config
+from conftest import run_config
 
 
 def _gqa_arch() -> dict:
@@ -31,7 +31,7 @@ def _gqa_arch() -> dict:
 def _fit(tmp_path: Path, name: str, arch: dict, steps: int, **export_args) -> Path:
     """Train `arch` for `steps` steps through the CLI without validation, saving `step=N.ckpt` and last.ckpt
     every 2 steps, with the export callback; the run directory."""
-    path = _config(tmp_path, name, steps)
+    path = run_config(tmp_path, name, steps)
     cfg = yaml.safe_load(path.read_text())
     cfg["model"]["arch"] = arch
     cfg["checkpoint"] = {"monitor": None, "every_n_train_steps": 2, "save_top_k": -1, "filename": "{step}"}

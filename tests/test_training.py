@@ -12,44 +12,13 @@ import yaml
 
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
 from soma_lightning.cli import cli_main
-from conftest import tiny_v1_arch
-
-
-def _config(tmp_path: Path, name: str, max_steps: int) -> Path:
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_text(open("soma_lightning/corpora/tinyshakespeare.txt").read()[:60_000])
-    cfg = {
-        "seed_everything": 1,
-        "model": {"arch": tiny_v1_arch(d_model=32, hidden_dim=64), "optim": {"lr": 3e-3, "warmup_steps": 2}},
-        "data": {"class_path": "soma_lightning.data_modules.ByteCorpus", "init_args": {"source": str(corpus), "seq_len": 32, "batch_size": 4, "val_seq_len": 64}},
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": max_steps,
-            "val_check_interval": 4,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "deterministic": True,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}},
-        },
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _train_losses(metrics_csv: Path) -> dict[int, float]:
-    rows = csv.DictReader(open(metrics_csv))
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+from conftest import run_config, tiny_v1_arch, train_losses
 
 
 def test_training_lowers_loss_and_writes_last_and_best(tmp_path):
-    cli_main(["fit", "--config", str(_config(tmp_path, "run", 12))])
+    cli_main(["fit", "--config", str(run_config(tmp_path, "run", 12))])
     version = tmp_path / "runs" / "run" / "version_0"
-    losses = _train_losses(version / "metrics.csv")
+    losses = train_losses(version / "metrics.csv")
     assert losses[11] < losses[0] - 0.5
     ckpts = sorted(p.name for p in (version / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
@@ -68,12 +37,12 @@ class StopAtStep(L.Callback):
 
 
 def test_resume_continues_step_and_loss_exactly(tmp_path):
-    cli_main(["fit", "--config", str(_config(tmp_path, "straight", 8))])
+    cli_main(["fit", "--config", str(run_config(tmp_path, "straight", 8))])
     interrupted = {"class_path": "test_training.StopAtStep", "init_args": {"step": 4}}
-    cli_main(["fit", "--config", str(_config(tmp_path, "split", 8)), f"--trainer.callbacks=[{json.dumps(interrupted)}]"])
-    cli_main(["fit", "--config", str(_config(tmp_path, "split", 8)), "--ckpt_path", "last"])
-    straight = _train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
-    resumed = _train_losses(tmp_path / "runs/split/version_1/metrics.csv")
+    cli_main(["fit", "--config", str(run_config(tmp_path, "split", 8)), f"--trainer.callbacks=[{json.dumps(interrupted)}]"])
+    cli_main(["fit", "--config", str(run_config(tmp_path, "split", 8)), "--ckpt_path", "last"])
+    straight = train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
+    resumed = train_losses(tmp_path / "runs/split/version_1/metrics.csv")
     assert sorted(resumed) == [4, 5, 6, 7]
     assert [resumed[s] for s in range(4, 8)] == [straight[s] for s in range(4, 8)]
     ckpt = torch.load(tmp_path / "runs/split/version_1/checkpoints/last.ckpt", weights_only=False)
@@ -81,11 +50,11 @@ def test_resume_continues_step_and_loss_exactly(tmp_path):
 
 
 def test_saved_config_reproduces_the_run(tmp_path):
-    cli_main(["fit", "--config", str(_config(tmp_path, "orig", 5))])
+    cli_main(["fit", "--config", str(run_config(tmp_path, "orig", 5))])
     saved = tmp_path / "runs/orig/version_0/config.yaml"
     cli_main(["fit", "--config", str(saved)])
-    first = _train_losses(tmp_path / "runs/orig/version_0/metrics.csv")
-    again = _train_losses(tmp_path / "runs/orig/version_1/metrics.csv")
+    first = train_losses(tmp_path / "runs/orig/version_0/metrics.csv")
+    again = train_losses(tmp_path / "runs/orig/version_1/metrics.csv")
     assert first == again and len(first) == 5
 
 
@@ -93,7 +62,7 @@ def test_resume_last_without_checkpoint_is_a_user_error(tmp_path):
     from soma_lightning.errors import UserError
 
     with pytest.raises(UserError, match="no last.ckpt under"):
-        cli_main(["fit", "--config", str(_config(tmp_path, "fresh", 2)), "--ckpt_path", "last"])
+        cli_main(["fit", "--config", str(run_config(tmp_path, "fresh", 2)), "--ckpt_path", "last"])
 
 
 def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -115,7 +84,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_throughput_callback_logs_tokens_and_flops(tmp_path):
     callback = {"class_path": "soma_lightning.callbacks.Throughput", "init_args": {"window": 2}}
-    cli_main(["fit", "--config", str(_config(tmp_path, "speed", 5)), f"--trainer.callbacks=[{json.dumps(callback)}]"])
+    cli_main(["fit", "--config", str(run_config(tmp_path, "speed", 5)), f"--trainer.callbacks=[{json.dumps(callback)}]"])
     rows = [r for r in csv.DictReader(open(tmp_path / "runs/speed/version_0/metrics.csv")) if r.get("train/tokens_per_s")]
     assert len(rows) >= 3 and all(float(r["train/tokens_per_s"]) > 0 and float(r["train/tflops"]) > 0 for r in rows)
     assert not any(r.get("train/mfu") for r in rows)  # no peak is known for a CPU

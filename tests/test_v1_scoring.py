@@ -196,7 +196,7 @@ def test_export_command_from_a_run_directory_loads_into_soma_models(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert torch.equal(ref.encoder.layers[1].pwff.linear_outer.weight, ckpt["state_dict"]["model.encoder.layers.1.pwff.linear_outer.weight"])
     out = _cli("export", "--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors"))
-    assert out.returncode == 2 and "neither a checkpoint file nor a run directory" in out.stderr
+    assert out.returncode == 2 and "neither a checkpoint nor a run directory" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.mtp import MTPHeads, MTPPrediction, SequentialMTP
@@ -50,13 +51,20 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The blocks in order. `activation_checkpointing`: keep only each block's input for backward and
+    recompute the block there (less memory, about one more forward of compute)."""
+
     def __init__(self, layers: list[Block]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.activation_checkpointing = False
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         for layer in self.layers:
-            x = layer(x, ctx)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         return x
 
 
