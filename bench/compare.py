@@ -1,16 +1,22 @@
-"""Training throughput of a spec on one GPU, side by side: soma-lightning's Trainer vs a plain PyTorch loop
-over the same model and objective.
+"""Training throughput of one spec on one GPU, side by side in one run: soma-lightning's Trainer path, a plain
+PyTorch loop over the same nn.Module and objective, and (for V1-shaped specs) litgpt's GPT with the
+equivalent config.
 
-    python bench/throughput.py --config specs/soma_v1.yaml --steps 30 --batch-size 8 --out throughput.json
+    python bench/compare.py --config specs/soma_v1.yaml --batch-size 16 --compile --out compare.json
 
-Prints a table (tokens/s, TFLOP/s, MFU against the GPU's dense bf16 peak, peak memory) and writes JSON.
-FLOPs per token are the spec's analytic count (soma_lightning.measure), 3x the forward matrix FLOPs.
+All runs: the same batches of tiny-Shakespeare windows, bf16 autocast, fused AdamW, the same compile setting
+(`--compile`: ours compiles each block, as `--model.compile true` does; litgpt's GPT is compiled whole, as
+its pretrain script does). Dropout is set to `--dropout` everywhere (litgpt's GPT has none). Prints a table
+(tokens/s, TFLOP/s, MFU against the GPU's dense bf16 peak, peak memory) and writes JSON. FLOPs per token:
+the spec's analytic count (soma_lightning.measure), and the 6N + 12*L*D*T convention for comparison with
+published MFU figures.
 """
 
 import argparse
 import json
 import math
 import time
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -20,8 +26,8 @@ from soma_lightning import build_model, load_spec
 from soma_lightning.callbacks.throughput import device_peak_flops
 from soma_lightning.data_modules import PAD, ByteCorpus
 from soma_lightning.lm import SomaLM
-from soma_lightning.measure import train_flops_per_token
-from soma_lightning.nn.sigreg import sigreg_statistic
+from soma_lightning.measure import count_parameters, train_flops_per_token
+from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 
 
 class StepTimer(L.Callback):
@@ -33,30 +39,23 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def lightning_run(spec, data: ByteCorpus, steps: int, precision: str) -> list[float]:
+def lightning_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision=precision, max_steps=steps, limit_val_batches=0, logger=False,
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
-    trainer.fit(SomaLM(spec), datamodule=data)
+    trainer.fit(SomaLM(spec, compile=compile), datamodule=data)
     return timer.times
 
 
-def plain_run(spec, data: ByteCorpus, steps: int) -> list[float]:
-    """The same model, objective and AdamW in a bare loop under bf16 autocast."""
-    model = build_model(spec, device="cuda")
+def _loop(model: torch.nn.Module, loss_of, data: ByteCorpus, steps: int) -> list[float]:
+    """A bare training loop: bf16 autocast forward, float32 loss, backward, fused AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    g = torch.Generator().manual_seed(0)
     times = []
     for step, batch in zip(range(steps), data.train_dataloader()):
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            reps = model.encode(batch["tokens"], batch["positions"])
-            logits = model.predict(reps)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
-        noise = torch.randn(spec.d_model, 256, generator=g).cuda()
-        loss = ce + 0.02 * sigreg_statistic(reps, noise)
+        loss = loss_of(model, batch, step)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -65,45 +64,117 @@ def plain_run(spec, data: ByteCorpus, steps: int) -> list[float]:
     return times
 
 
-def summarize(name: str, times: list[float], tokens_per_step: int, flops_per_token: float, peak: float | None, warmup: int) -> dict:
+def plain_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
+    """The same model and objective (CE + SIGReg) as SomaLM, compiled the same way."""
+    model = build_model(spec, device="cuda")
+    if compile:
+        for layer in model.encoder.layers:
+            layer.compile()
+    sigreg = SIGRegConfig()
+
+    def loss_of(model, batch, step):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            reps = model.encode(batch["tokens"], batch["positions"])
+            logits = model.predict(reps)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
+        noise = torch.randn(spec.d_model, sigreg.slices, generator=torch.Generator().manual_seed(step)).cuda()
+        return ce + sigreg.coefficient * sigreg_statistic(reps, noise, sigreg.t_max, sigreg.points)
+
+    return _loop(model, loss_of, data, steps)
+
+
+def litgpt_config(spec):
+    """litgpt's Config for a V1-shaped spec: pre-norm LayerNorm, RoPE on the whole head, GELU MLP with biases,
+    sequential residual, untied predictor with bias, multi-head attention."""
+    from litgpt.config import Config
+
+    layer = spec.blocks[next(iter(spec.blocks))]
+    mixer, ffn = layer[0]["mixer"], layer[1]["ffn"]
+    return Config(
+        name="soma-v1", block_size=spec.max_seq_len, vocab_size=spec.vocab_size, padded_vocab_size=spec.vocab_size,
+        n_layer=spec.n_layers, n_embd=spec.d_model, n_head=mixer["num_heads"], n_query_groups=mixer["num_heads"],
+        rotary_percentage=1.0, parallel_residual=False, bias=True, attn_bias=True, lm_head_bias=spec.predictor_bias,
+        norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", intermediate_size=ffn["hidden_dim"], gelu_approximate="none",
+    )
+
+
+def litgpt_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
+    """litgpt's GPT (cross-entropy only, as its pretraining), compiled whole when `compile`."""
+    from litgpt.model import GPT
+
+    config = litgpt_config(spec)
+    with torch.device("cuda"):
+        model = GPT(config)
+    model.max_seq_length = spec.max_seq_len
+    print(f"litgpt GPT: {sum(p.numel() for p in model.parameters()):,} parameters")
+    forward = torch.compile(model) if compile else model
+
+    def loss_of(model, batch, step):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(batch["tokens"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
+
+    return _loop(model, loss_of, data, steps)
+
+
+RUNS = {"trainer": ("soma-lightning Trainer", lightning_run), "plain": ("plain PyTorch loop", plain_run), "litgpt": ("litgpt GPT", litgpt_run)}
+
+
+def summarize(name: str, times: list[float], tokens_per_step: int, flops: dict[str, float], peak: float | None, warmup: int) -> dict:
     timed = times[warmup:]
     seconds = (timed[-1] - timed[0]) / (len(timed) - 1)
     tps = tokens_per_step / seconds
-    return {
-        "run": name, "step_s": seconds, "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12,
-        "mfu": tps * flops_per_token / peak if peak else math.nan,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+    row = {"run": name, "step_s": seconds, "tokens_per_s": tps, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    for convention, per_token in flops.items():
+        row[f"tflops_{convention}"] = tps * per_token / 1e12
+        row[f"mfu_{convention}"] = tps * per_token / peak if peak else math.nan
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="specs/soma_v1.yaml")
+    p.add_argument("--runs", default="trainer,plain,litgpt", help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps (compilation happens here)")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--precision", default="bf16-mixed")
-    p.add_argument("--out", default="throughput.json")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", default="compare.json")
     args = p.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    spec = load_spec(args.config)
+    spec = replace(load_spec(args.config), dropout=args.dropout, max_seq_len=args.seq_len)
     data = ByteCorpus(seq_len=args.seq_len, batch_size=args.batch_size)
     data.setup("fit")
     tokens_per_step = args.batch_size * args.seq_len
     peak = device_peak_flops(torch.device("cuda"))
-    flops = train_flops_per_token(build_model(spec, device="meta"), args.seq_len)
+    meta = build_model(spec, device="meta")
+    n_params = count_parameters(meta)[0]
+    flops = {"analytic": train_flops_per_token(meta, args.seq_len), "6N": 6 * n_params + 12 * spec.n_layers * spec.d_model * args.seq_len}
     rows = []
-    for name, run in (("plain PyTorch loop", lambda: plain_run(spec, data, args.steps)), ("soma-lightning Trainer", lambda: lightning_run(spec, data, args.steps, args.precision))):
+    for key in args.runs.split(","):
+        name, run = RUNS[key]
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        rows.append(summarize(name, run(), tokens_per_step, flops, peak, args.warmup))
-    result = {"config": args.config, "device": torch.cuda.get_device_name(), "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "precision": args.precision, "steps": args.steps, "warmup": args.warmup, "train_flops_per_token": flops, "peak_flops": peak, "rows": rows}
-    print(f"{'run':26} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+        try:
+            rows.append(summarize(name, run(spec, data, args.steps, args.compile), tokens_per_step, flops, peak, args.warmup))
+        except ImportError as e:
+            print(f"{name}: skipped ({e})")
+    result = {
+        "config": args.config, "device": torch.cuda.get_device_name(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "dropout": args.dropout, "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "parameters": n_params,
+        "train_flops_per_token": flops, "peak_flops": peak, "rows": rows,
+    }
+    print(f"{args.config}: {n_params:,} parameters, batch {args.batch_size} x {args.seq_len}, bf16 autocast, compile {args.compile}, dropout {args.dropout}")
+    print(f"{'run':24} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU 6N+12LDT':>13} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['run']:26} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} {r['tflops']:8.1f} {r['mfu']:6.1%} {r['peak_mem_gib']:9.1f}")
+        print(
+            f"{r['run']:24} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} {r['tflops_analytic']:8.1f} "
+            f"{r['mfu_analytic']:6.1%} {r['mfu_6N']:13.1%} {r['peak_mem_gib']:9.1f}"
+        )
     json.dump(result, open(args.out, "w"), indent=1)
 
 
