@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator
 
 from soma_lightning.checkpoint_io import atomic_write
 
@@ -16,6 +16,24 @@ Series = tuple[np.ndarray, np.ndarray]  # x, y
 
 def save_figure(figure: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+
+
+def _y_scale(ax, values: Sequence[np.ndarray]) -> None:
+    """Log-scaled y, with plain numbers (0.25, 2, 3) at the ticks instead of powers of ten, when the values span
+    more than a factor of 10; linear otherwise."""
+    finite = np.concatenate([v[v > 0] for v in values]) if values else np.array([])
+    if len(finite) == 0 or finite.max() / finite.min() <= 10:
+        return
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _step_axis(ax) -> None:
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -48,25 +66,29 @@ def expert_load_figure(layers: Sequence[str], tokens_per_expert: Sequence[Sequen
 
 
 def train_val_figure(title: str, ylabel: str, train: Series, val: Series, tokens_per_step: int | None) -> Figure:
-    """The train curve (raw, light, and smoothed) and the val points, against the step (metrics.csv's, 0-based)
-    and, when the tokens per step are known, against tokens seen; log-scaled y."""
+    """The train curve (raw, and smoothed when there are enough points) and the val points, against the step
+    (metrics.csv's, 0-based) and, when the tokens per step are known, against tokens seen."""
     panels = 2 if tokens_per_step else 1
     figure = Figure(figsize=(6 * panels, 4.2), layout="constrained")
     for k in range(panels):
         ax = figure.add_subplot(1, panels, k + 1)
         x = (lambda steps: steps) if k == 0 else (lambda steps: (steps + 1) * tokens_per_step)  # tokens through that step
         steps, values = train
-        if len(steps):
-            ax.plot(x(steps), values, color="tab:blue", alpha=0.25, linewidth=0.8)
-            ax.plot(x(steps), smooth(values, max(1, len(values) // 25)), color="tab:blue", label="train (smoothed)")
+        window = len(values) // 25
+        if window > 1:
+            ax.plot(x(steps), values, color="tab:blue", alpha=0.25, linewidth=0.8, label="train")
+            ax.plot(x(steps), smooth(values, window), color="tab:blue", label=f"train, mean of {window} logged points")
+        elif len(steps):
+            ax.plot(x(steps), values, color="tab:blue", label="train")
         if len(val[0]):
             ax.plot(x(val[0]), val[1], "o-", color="tab:orange", label="val")
-            ax.annotate(f"{val[1][-1]:.3f}", (x(val[0])[-1], val[1][-1]), textcoords="offset points", xytext=(-10, 8), ha="right", color="tab:orange")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(EngFormatter(places=1, sep=""))
-        ax.yaxis.set_minor_formatter(EngFormatter(places=1, sep=""))
-        ax.set_xlabel("step" if k == 0 else "tokens seen")
-        if k == 1:
+            ax.annotate(f"{val[1][-1]:.3f}", (x(val[0])[-1], val[1][-1]), textcoords="offset points", xytext=(-10, 8), ha="right",
+                        color="tab:orange", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
+        _y_scale(ax, [train[1], val[1]])
+        if k == 0:
+            _step_axis(ax)
+        else:
+            ax.set_xlabel("tokens seen")
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
@@ -75,14 +97,14 @@ def train_val_figure(title: str, ylabel: str, train: Series, val: Series, tokens
     return figure
 
 
-def lines_figure(title: str, xlabel: str, ylabel: str, lines: dict[str, Series], log_y: bool = False) -> Figure:
+def lines_figure(title: str, ylabel: str, lines: dict[str, Series]) -> Figure:
+    """One line per series against the step."""
     figure = Figure(figsize=(7, 4.2), layout="constrained")
     ax = figure.add_subplot()
     for label, (x, y) in lines.items():
         ax.plot(x, y, label=label, marker="." if len(x) < 40 else None)
-    if log_y:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
+    _y_scale(ax, [y for _, y in lines.values()])
+    _step_axis(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -100,7 +122,7 @@ def throughput_figure(tokens_per_s: Series, flops_per_token: float | None, mfu: 
     ax.plot(*tokens_per_s, color="tab:green")
     ax.set_ylim(0, float(np.max(tokens_per_s[1])) * 1.1)
     ax.yaxis.set_major_formatter(EngFormatter(sep=""))
-    ax.set_xlabel("step")
+    _step_axis(ax)
     ax.set_ylabel("tokens / s")
     ax.set_title("training throughput")
     ax.grid(True, alpha=0.3)
@@ -110,7 +132,7 @@ def throughput_figure(tokens_per_s: Series, flops_per_token: float | None, mfu: 
     if rows == 2:
         ax2 = figure.add_subplot(rows, 1, 2, sharex=ax)
         ax2.plot(mfu[0], mfu[1] * 100, color="tab:purple")
-        ax2.set_xlabel("step")
+        _step_axis(ax2)
         ax2.set_ylabel("MFU (%)")
         ax2.grid(True, alpha=0.3)
     return figure
@@ -122,14 +144,15 @@ def graph_figure(steps: np.ndarray, edges_per_token: dict[str, np.ndarray], in_d
     ax = figure.add_subplot(1, 2, 1)
     for kind, values in edges_per_token.items():
         ax.plot(steps, values, marker=".", label=kind)
-    ax.set_xlabel("step")
+    _step_axis(ax)
     ax.set_ylabel("edges per token")
     ax.set_title("semantic graph: edges by type")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center right")
     ax = figure.add_subplot(1, 2, 2)
     for label, hist in (("out-degree (edges a token attends over)", out_degree_hist), ("in-degree (tokens attending to a position)", in_degree_hist)):
-        ax.step(range(len(hist)), np.asarray(hist) / max(sum(hist), 1), where="mid", label=label)
+        hist = np.trim_zeros(np.asarray(hist, dtype=float), "b")
+        ax.step(range(len(hist)), hist / max(hist.sum(), 1), where="mid", label=label)
     ax.set_xlabel("degree")
     ax.set_ylabel("fraction of tokens")
     ax.set_title(f"degree histograms at step {step}")

@@ -55,17 +55,20 @@ def _plots(metrics: Metrics, info: dict, run_dir: Path, out: Path) -> list[tuple
         if not any(np.array_equal(y, other[1]) for other in distinct.values()):
             distinct[name] = (x, y)
     if distinct:
-        save(lines_figure("learning rate", "step", "learning rate", distinct), "learning_rate.png", "learning rate per optimizer parameter group (identical groups drawn once)")
+        save(lines_figure("learning rate", "learning rate", distinct), "learning_rate.png", "learning rate per optimizer parameter group (identical groups drawn once)")
     tokens_per_s = metrics.series("train/tokens_per_s")
     if len(tokens_per_s[0]):
         mfu = metrics.series("train/mfu")
         save(throughput_figure(tokens_per_s, info.get("train_flops_per_token"), mfu if len(mfu[0]) else None), "throughput.png",
              "tokens/s (TFLOP/s on the right axis, from the spec's analytic FLOPs per token)")
-    for kind, label in (("grad_norm", "gradient L2 norm"), ("activation_norm", "mean token L2 norm of the block output")):
+    for kind, title, ylabel in (
+        ("grad_norm", "gradient norm per block", "L2 norm of the block's gradients"),
+        ("activation_norm", "activation norm per block", "mean over tokens of the output's L2 norm"),
+    ):
         columns = sorted((c for c in metrics.columns if c.startswith(f"blocks/{kind}_")), key=lambda c: int(c.rsplit("_", 1)[1]))
         if columns:
             lines = {f"block {c.rsplit('_', 1)[1]}": metrics.series(c) for c in columns}
-            save(lines_figure(f"{label} per block", "step", label, lines, log_y=True), f"block_{kind}.png", f"{label} per block of model.encoder.layers")
+            save(lines_figure(title, ylabel, lines), f"block_{kind}.png", f"{title} (model.encoder.layers, BlockNormMonitor)")
     loads = _jsonl(run_dir / EXPERT_LOAD_FILE)
     if loads:
         last = loads[-1]
