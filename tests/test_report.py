@@ -2,12 +2,13 @@
 
 import json
 import subprocess
-import sys
 
+import pytest
 import torch
 from matplotlib.image import imread
 
 from soma_lightning.callbacks.run_info import spec_hash
+from soma_lightning.cli import main
 from soma_lightning.report import write_report
 from conftest import train_tiny_spec
 
@@ -49,7 +50,9 @@ def test_report_of_a_moe_run(tmp_path):
     assert "`0123abc with uncommitted changes`" in (tmp_path / "again/summary.md").read_text()
 
 
-def test_report_of_a_bad_run_dir_is_one_line(tmp_path):
+def test_report_of_a_bad_run_dir_is_one_line(tmp_path, capsys):
     for target in (tmp_path / "missing", tmp_path):
-        done = subprocess.run([sys.executable, "-m", "soma_lightning", "report", str(target)], capture_output=True, text=True)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("soma-lightning: error: RUN_DIR:"), done.stderr
+        with pytest.raises(SystemExit) as exit:
+            main(["report", str(target)])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("soma-lightning: error: RUN_DIR:"), err
