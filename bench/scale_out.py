@@ -26,9 +26,9 @@ def fit_args(args: argparse.Namespace, root: Path, name: str, per_device_batch: 
         "fit", "--config", args.config, *extra,
         "--data.init_args.batch_size", str(per_device_batch), "--model.arch.dropout", "0", "--model.sigreg.coefficient", "0",
         "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", name,
-        "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
-        "--trainer.callbacks+=soma_lightning.callbacks.Throughput",
+        "--trainer.enable_progress_bar", "false", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
+        "--trainer.logger=" + json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": name}}),
+        "--trainer.callbacks=" + json.dumps([{"class_path": "soma_lightning.callbacks.Throughput"}]),
     ]
 
 

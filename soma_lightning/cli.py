@@ -10,12 +10,13 @@ import jsonargparse
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, LightningArgumentParser
-from lightning.pytorch.loggers import CSVLogger
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, LightningArgumentParser, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from soma_lightning.callbacks import PreemptionCheckpoint
+from soma_lightning.callbacks import PreemptionCheckpoint, RunInfo
 from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write_safetensors
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
 from soma_lightning.data_modules import ByteCorpus
@@ -25,6 +26,7 @@ from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
 from soma_lightning.nn.semantic_graph import EDGE_TYPES, build_graph
 from soma_lightning.nn.semantic_state import SemanticStateEmbedding
+from soma_lightning.report import write_report
 from soma_lightning.spec import SpecError, build_model, load_spec
 from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, score
 
@@ -34,9 +36,30 @@ DESCRIPTION = (
     "Also: `soma-lightning inspect --config SPEC` (parameters, FLOPs, block pattern), "
     "`soma-lightning export --ckpt RUN --out FILE` (one safetensors file from a checkpoint, sharded ones "
     "consolidated; SOMA V1 in its canonical layout), `soma-lightning score --weights FILE --data PATH` (the on-chain loss "
-    "of canonical V1 weights), `soma-lightning graph --ckpt RUN --text TEXT` (the "
-    "semantic graph a SOSM model builds); each has --help."
+    "of canonical V1 weights), `soma-lightning graph --ckpt RUN --text TEXT` (the semantic graph a SOSM model builds), "
+    "`soma-lightning report RUN_DIR` (plots and a markdown summary of a run); each has --help."
 )
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Saves config.yaml in the run directory (as LightningCLI does) and logs the resolved config, nested, as the
+    run's hyper-parameters to every logger: hparams.yaml for CSV, the HParams tab for TensorBoard, the run config
+    for W&B."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
+def share_run_version(loggers: list[Logger]) -> None:
+    """CSV and TensorBoard loggers of the same save_dir/name would each take the next free version_N when first
+    used, and the second would see the first's new directory: give them all the first one's version, so one run
+    writes one runs/NAME/version_N."""
+    dirs = [logger for logger in loggers if isinstance(logger, (CSVLogger, TensorBoardLogger))]
+    for logger in dirs[1:]:
+        if logger._version is None and logger.root_dir == dirs[0].root_dir:
+            logger._version = dirs[0].version
 
 
 class SomaCLI(LightningCLI):
@@ -45,7 +68,10 @@ class SomaCLI(LightningCLI):
         parser.set_defaults(
             {
                 "data": jsonargparse.lazy_instance(ByteCorpus),
-                "trainer.logger": jsonargparse.lazy_instance(CSVLogger, save_dir="runs", name="soma"),
+                "trainer.logger": [
+                    {"class_path": f"lightning.pytorch.loggers.{logger.__name__}", "init_args": {"save_dir": "runs", "name": "soma"}}
+                    for logger in (CSVLogger, TensorBoardLogger)
+                ],
                 "trainer.plugins": jsonargparse.lazy_instance(AtomicCheckpointIO),
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
@@ -55,12 +81,19 @@ class SomaCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Lightning rejects a bad strategy, accelerator or precision with a ValueError; that is the user's
-        mistake in a `trainer.*` key."""
+        """Every run also gets PreemptionCheckpoint, RunInfo, and LearningRateMonitor when it has a logger (not
+        configurable, so never duplicated by a spec); the loggers share one version directory. Lightning rejects
+        a bad strategy, accelerator or precision with a ValueError: the user's mistake in a `trainer.*` key."""
+        has_logger = self._get(self.config_init, "trainer").get("logger") not in (None, False, [])
+        self.trainer_defaults["callbacks"] = [
+            PreemptionCheckpoint(), RunInfo(), *([LearningRateMonitor(logging_interval="step")] if has_logger else []),
+        ]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as e:
             raise UserError(f"trainer: {e}") from None
+        share_run_version(trainer.loggers)
+        return trainer
 
     def before_fit(self) -> None:
         """`--ckpt_path last`: the newest last.ckpt of any earlier version of this run's logger directory."""
@@ -81,8 +114,8 @@ def cli_main(args: list[str] | None = None) -> None:
         ByteCorpus,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
         parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
         args=args,
     )
@@ -285,7 +318,15 @@ def graph_main(args: list[str]) -> None:
         print(f"{p['position']:5d} {p['byte']!r:>6} <- " + "; ".join(edges))
 
 
-COMMANDS = {"inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main}
+def report_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(prog="soma-lightning report", description=write_report.__doc__, exit_on_error=False)
+    parser.add_argument("run_dir", help="a run directory, runs/NAME/version_N")
+    parser.add_argument("--out", default=None, help="where to write the report (default RUN_DIR/report)")
+    cfg = parser.parse_args(args)
+    print(json.dumps(write_report(cfg.run_dir, cfg.out)))
+
+
+COMMANDS = {"inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main, "report": report_main}
 
 
 def _user_error(e: BaseException) -> BaseException | None:

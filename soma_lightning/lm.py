@@ -60,10 +60,11 @@ class SomaLM(L.LightningModule):
         super().__init__()
         if isinstance(arch, dict):  # hyper-parameters read back from a checkpoint
             arch, sigreg, optim = spec_from_dict(arch), SIGRegConfig(**sigreg), OptimConfig(**optim)
+        # logger=False: the CLI logs the whole resolved config as the hyper-parameters instead (cli.LogConfigCallback)
         self.save_hyperparameters({
             "arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed, "init_weights": init_weights,
             "activation_checkpointing": activation_checkpointing, "compile": compile,
-        })
+        }, logger=False)
         self.arch, self.sigreg, self.optim, self.noise_seed = arch, sigreg, optim, noise_seed
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model = build_model(arch)

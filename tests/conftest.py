@@ -33,9 +33,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def train_tiny_spec(spec: str, tmp_path, steps: int = 60) -> list[dict]:
-    """Train a tiny spec on 20 tiny-Shakespeare documents for `steps` steps through the CLI; the metrics
-    rows of its CSV log."""
+def train_tiny_spec(spec: str, tmp_path, steps: int = 60, callbacks: list[dict] | None = None) -> list[dict]:
+    """Train a tiny spec on 20 tiny-Shakespeare documents for `steps` steps through the CLI (with `callbacks`, as
+    trainer.callbacks entries, if given); the metrics rows of its CSV log in tmp_path/runs/NAME/version_0."""
     from soma_lightning.cli import cli_main
 
     cfg = yaml.safe_load(open(spec))
@@ -46,11 +46,14 @@ def train_tiny_spec(spec: str, tmp_path, steps: int = 60) -> list[dict]:
         (corpus / f"{i:02d}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
     cfg["data"]["init_args"]["source"] = str(corpus)
     cfg["trainer"] |= {"max_steps": steps, "val_check_interval": steps, "log_every_n_steps": 1, "enable_progress_bar": False}
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    if callbacks is not None:
+        cfg["trainer"]["callbacks"] = callbacks
+    for logger in cfg["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(tmp_path / "runs")
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cli_main(["fit", "--config", str(path)])
-    name = cfg["trainer"]["logger"]["init_args"]["name"]
+    name = cfg["trainer"]["logger"][0]["init_args"]["name"]
     return list(csv.DictReader(open(tmp_path / "runs" / name / "version_0" / "metrics.csv")))
 
 

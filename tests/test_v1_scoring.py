@@ -185,7 +185,8 @@ def test_export_command_from_a_run_directory_loads_into_soma_models(tmp_path):
     cli_main([
         "fit", "--config", "specs/quickstart.yaml", "--model.arch.d_model", "16", "--model.arch.n_layers", "2",
         "--data.init_args.source", str(tmp_path / "corpus.txt"), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "quickstart"}}),
     ])
     run = tmp_path / "runs" / "quickstart" / "version_0"
     for which in ("best", "last"):
