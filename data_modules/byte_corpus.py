@@ -37,23 +37,29 @@ def source_files(source: str, key: str) -> list[Path]:
     return files
 
 
+def hf_column(source: str, key: str, hf_format: str, column: str, sample_by: str = "document") -> list:
+    """One column of a local HF `datasets` source (text, json or parquet files), a value per row; with the
+    text format a row is a whole file, a paragraph or a line (`sample_by`)."""
+    import datasets
+
+    files = source_files(source, key)
+    kwargs = {"sample_by": sample_by} if hf_format == "text" else {}
+    try:
+        ds = datasets.load_dataset(hf_format, data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as e:
+        raise DataError(f"{key}: cannot load {source!r} as {hf_format} ({type(e).__name__}: {e})") from None
+    if column not in ds.column_names:
+        raise DataError(f"{key}: {source!r} has no column {column!r}; columns: {', '.join(ds.column_names)}")
+    return ds[column]
+
+
 def read_stream(source: str, key: str, hf_format: str | None = None, text_column: str = "text") -> np.ndarray:
     """All documents of `source` as one uint16 token stream, documents joined by EOS. A document is a file's
     bytes, or with `hf_format` one row's `text_column` (utf-8) of a local HF `datasets` source."""
-    files = source_files(source, key)
     if hf_format is None:
-        docs = [f.read_bytes() for f in files]
+        docs = [f.read_bytes() for f in source_files(source, key)]
     else:
-        import datasets
-
-        kwargs = {"sample_by": "document"} if hf_format == "text" else {}
-        try:
-            ds = datasets.load_dataset(hf_format, data_files=[str(f) for f in files], split="train", **kwargs)
-        except Exception as e:
-            raise DataError(f"{key}: cannot load {source!r} as {hf_format} ({type(e).__name__}: {e})") from None
-        if text_column not in ds.column_names:
-            raise DataError(f"{key}: {source!r} has no column {text_column!r}; columns: {', '.join(ds.column_names)}")
-        docs = [str(row).encode() for row in ds[text_column]]
+        docs = [str(row).encode() for row in hf_column(source, key, hf_format, text_column)]
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"{key}: {source!r} holds no data (every document is empty)")
@@ -81,25 +87,34 @@ def annotate(batch: dict[str, torch.Tensor], annotations: tuple[str, ...]) -> di
 
 class RandomWindows(IterableDataset):
     """An endless stream of training batches. Global batch b is a deterministic function of (seed, b):
-    world_size * batch_size windows at offsets drawn from numpy's generator seeded with [seed, b]; this rank
-    takes its slice. Each row is laid out as the contract lays out a full chunk: targets shifted left with
-    PAD appended, positions the global offsets. Iteration starts at `start_batch` (the data position)."""
+    world_size * batch_size windows drawn with numpy's generator seeded with [seed, b] (with several streams,
+    first each window's stream, by `weights`, then its offset); this rank takes its slice. Each row is laid
+    out as the contract lays out a full chunk: targets shifted left with PAD appended, positions the offsets
+    in the window's stream. Iteration starts at `start_batch` (the data position). Streams may be memory-mapped:
+    only the windows are read."""
 
     def __init__(
-        self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
-        annotations: tuple[str, ...] = (),
+        self, streams: list[np.ndarray], seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+        annotations: tuple[str, ...] = (), weights: list[float] | None = None,
     ) -> None:
-        self.stream = torch.from_numpy(stream.astype(np.int64))
+        self.streams, self.lengths = streams, np.array([len(s) for s in streams])
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
         self.annotations = annotations
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, b])
-        starts = rng.integers(0, len(self.stream) - self.seq_len + 1, size=self.world_size * self.batch_size)
-        mine = torch.from_numpy(starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
-        positions = mine.unsqueeze(1) + torch.arange(self.seq_len)
-        tokens = self.stream[positions]
+        n = self.world_size * self.batch_size
+        if len(self.streams) == 1:
+            which = np.zeros(n, dtype=np.int64)
+            starts = rng.integers(0, self.lengths[0] - self.seq_len + 1, size=n)
+        else:
+            which = rng.choice(len(self.streams), size=n, p=self.weights)
+            starts = rng.integers(0, self.lengths[which] - self.seq_len + 1)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        tokens = torch.from_numpy(np.stack([self.streams[s][o : o + self.seq_len] for s, o in zip(which[mine], starts[mine])]).astype(np.int64))
+        positions = torch.from_numpy(starts[mine]).unsqueeze(1) + torch.arange(self.seq_len)
         targets = torch.cat([tokens[:, 1:], torch.full((len(tokens), 1), PAD)], dim=1)
         return annotate({"tokens": tokens, "targets": targets, "positions": positions}, self.annotations)
 
@@ -195,7 +210,7 @@ class ByteCorpus(L.LightningDataModule):
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        windows = RandomWindows(self.train_stream, self.seq_len, self.batch_size, self.seed, start, rank, world, self.annotations)
+        windows = RandomWindows([self.train_stream], self.seq_len, self.batch_size, self.seed, start, rank, world, self.annotations)
         return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
     def _chunks(self, stream: np.ndarray) -> DataLoader:

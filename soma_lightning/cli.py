@@ -21,13 +21,15 @@ from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.data_modules.byte_corpus import source_files
+from soma_lightning.data_modules.modalities import decode_to_files
+from soma_lightning.data_modules.multimodal import MultimodalCorpus, Shards, prepare_corpus
 from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
 from soma_lightning.nn.semantic_graph import EDGE_TYPES, build_graph
 from soma_lightning.nn.semantic_state import SemanticStateEmbedding
 from soma_lightning.report import write_report
-from soma_lightning.spec import SpecError, build_model, load_spec
+from soma_lightning.spec import SpecError, build_model, load_spec, read_yaml
 from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, score
 
 
@@ -37,7 +39,9 @@ DESCRIPTION = (
     "`soma-lightning export --ckpt RUN --out FILE` (one safetensors file from a checkpoint, sharded ones "
     "consolidated; SOMA V1 in its canonical layout), `soma-lightning score --weights FILE --data PATH` (the on-chain loss "
     "of canonical V1 weights), `soma-lightning graph --ckpt RUN --text TEXT` (the semantic graph a SOSM model builds), "
-    "`soma-lightning report RUN_DIR` (plots and a markdown summary of a run); each has --help."
+    "`soma-lightning report RUN_DIR` (plots and a markdown summary of a run), `soma-lightning prepare --config SPEC "
+    "[--out DIR]` (multimodal shards) and `soma-lightning decode --data DIR --tokens FILE --out DIR` (ids -> text, PNG, "
+    "WAV); each has --help."
 )
 
 
@@ -111,7 +115,7 @@ class SomaCLI(LightningCLI):
 def cli_main(args: list[str] | None = None) -> None:
     SomaCLI(
         SomaLM,
-        ByteCorpus,
+        L.LightningDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_callback=LogConfigCallback,
@@ -326,7 +330,73 @@ def report_main(args: list[str]) -> None:
     print(json.dumps(write_report(cfg.run_dir, cfg.out)))
 
 
-COMMANDS = {"inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main, "report": report_main}
+def multimodal_corpus(config: str, **overrides) -> MultimodalCorpus:
+    """The MultimodalCorpus of a spec's data section, with some init args overridden."""
+    data = read_yaml(config).get("data") or {}
+    if not str(data.get("class_path", "")).endswith("MultimodalCorpus"):
+        raise SpecError(f"{config}: data.class_path: prepare needs soma_lightning.data_modules.MultimodalCorpus, got {data.get('class_path')!r}")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(MultimodalCorpus, "data")
+    try:
+        return parser.instantiate_classes(parser.parse_object({"data": dict(data.get("init_args") or {}) | overrides})).data
+    except jsonargparse.ArgumentError as e:
+        raise SpecError(f"{config}: data.init_args: {' '.join(str(e).split())}") from None
+
+
+def prepare_from_spec(config: str, out: str | None = None) -> dict:
+    """Tokenise the sources of a spec whose data module is MultimodalCorpus into memory-mapped shards (in
+    `out`, default data.init_args.path), in the token space of its model.arch.vocab_ranges."""
+    spec = load_spec(config)
+    return prepare_corpus(multimodal_corpus(config, **({"path": out} if out else {})), spec.vocab_ranges, out)
+
+
+def prepare_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(prog="soma-lightning prepare", description=prepare_from_spec.__doc__, exit_on_error=False)
+    parser.add_argument("--config", required=True, help="a spec with model.arch.vocab_ranges and data: MultimodalCorpus")
+    parser.add_argument("--out", default=None, help="the shard directory (default: data.init_args.path)")
+    cfg = parser.parse_args(args)
+    index = prepare_from_spec(cfg.config, cfg.out)
+    print(f"{'source':<16} {'kind':<17} {'train docs':>10} {'train tokens':>13} {'val docs':>9} {'val tokens':>11} {'skipped':>8}")
+    for s in index["sources"]:
+        train, val = s["shards"].get("train", {}), s["shards"].get("val", {})
+        print(f"{s['name']:<16} {s['kind']:<17} {train.get('documents', 0):>10,} {train.get('tokens', 0):>13,} {val.get('documents', 0):>9,} {val.get('tokens', 0):>11,} {s['skipped']:>8}")
+    for skip in index["skipped"]:
+        print(f"skipped ({skip['source']}): {skip['reason']}")
+
+
+def decode_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(
+        prog="soma-lightning decode",
+        description="Write the text, code, image and audio segments of a token sequence as .txt, PNG and WAV files, "
+        "with the tokenizers of a prepared corpus (its index.json and image codebook).",
+        exit_on_error=False,
+    )
+    parser.add_argument("--data", required=True, help="a directory written by `soma-lightning prepare`")
+    parser.add_argument("--tokens", default=None, help="ids to decode: a .npy array, or a text file of integers (whitespace or comma separated)")
+    parser.add_argument("--document", type=int, default=None, help="instead: decode document N of the prepared corpus (documents.npy order)")
+    parser.add_argument("--out", required=True, help="directory for the files")
+    cfg = parser.parse_args(args)
+    shards = Shards.open(cfg.data, "--data")
+    if (cfg.tokens is None) == (cfg.document is None):
+        raise UserError("decode: give exactly one of --tokens FILE and --document N")
+    if cfg.document is not None:
+        n = len(shards.documents())
+        if not 0 <= cfg.document < n:
+            raise UserError(f"--document: {cfg.document} is outside the corpus's {n} documents")
+        tokens = shards.document(cfg.document)
+    else:
+        try:
+            tokens = np.load(cfg.tokens) if cfg.tokens.endswith(".npy") else np.array(Path(cfg.tokens).read_text().replace(",", " ").split(), dtype=np.int64)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--tokens: cannot read {cfg.tokens} as token ids ({e})") from None
+    written = decode_to_files(np.asarray(tokens, dtype=np.int64).reshape(-1), shards.space, shards.image, shards.audio, Path(cfg.out))
+    print(json.dumps({"tokens": int(np.size(tokens)), "files": [str(p) for p in written]}))
+
+
+COMMANDS = {
+    "inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main, "report": report_main,
+    "prepare": prepare_main, "decode": decode_main,
+}
 
 
 def _user_error(e: BaseException) -> BaseException | None:

@@ -7,16 +7,36 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from soma_lightning.data_modules.contract import PAD
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
-from soma_lightning.token_space import check_token_ids
+from soma_lightning.token_space import check_token_ids, modality_of
 from soma_lightning.v1 import ONCHAIN_SIGREG, arrgen_noise, load_canonical, onchain_batch_loss, read_canonical, target_nll
 
 Batch = dict[str, torch.Tensor]
+
+
+class RangeCE(Metric):
+    """Summed NLL and target count per vocabulary range (model.arch.vocab_ranges), by each target's range."""
+
+    def __init__(self, ranges: dict[str, list[int]]) -> None:
+        super().__init__()
+        self.ranges = ranges
+        self.add_state("nll", torch.zeros(len(ranges), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(len(ranges), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, targets: torch.Tensor) -> None:
+        keep = targets != PAD
+        which = modality_of(targets[keep], self.ranges)
+        self.nll.index_add_(0, which, nll[keep].double())
+        self.count.index_add_(0, which, torch.ones_like(which, dtype=torch.float64))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Mean NLL (nats) per range that received targets."""
+        return {name: self.nll[i] / self.count[i] for i, name in enumerate(self.ranges) if self.count[i] > 0}
 
 
 @dataclass
@@ -71,6 +91,7 @@ class SomaLM(L.LightningModule):
         if init_weights is not None:
             load_canonical(self.model, read_canonical(init_weights), init_weights)
         self.val_ce, self.val_sigreg, self.val_onchain = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_range_ce = RangeCE(arch.vocab_ranges) if arch.vocab_ranges else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, positions)
@@ -169,16 +190,22 @@ class SomaLM(L.LightningModule):
         self.val_ce.update(nll.sum() / n, n)
         self.val_sigreg.update(sig, len(nll))
         self.val_onchain.update(onchain_batch_loss(nll, onchain_sig))
+        if self.val_range_ce is not None:
+            self.val_range_ce.update(nll, batch["targets"])
 
     def _log_eval(self, stage: str) -> None:
-        """Token-weighted CE over the whole split (bits/byte = CE / ln 2), row-weighted SIGReg, and the
-        on-chain loss (mean over batches of their on-chain losses)."""
+        """Token-weighted CE over the whole split (bits/byte = CE / ln 2), row-weighted SIGReg, the on-chain
+        loss (mean over batches of their on-chain losses) and, with vocab_ranges, the CE per range."""
         ce, sig = self.val_ce.compute(), self.val_sigreg.compute()
         self.log_dict({
             f"{stage}/ce": ce, f"{stage}/sigreg": sig, f"{stage}/loss": ce + self.sigreg.coefficient * sig,
             f"{stage}/onchain_loss": self.val_onchain.compute(),
         })
         self.log(f"{stage}/bits_per_byte", ce / math.log(2), prog_bar=stage == "val")
+        if self.val_range_ce is not None:  # per declared range, by the target's id: ce_{name} (nats), bits_per_token_{name}
+            for name, range_ce in self.val_range_ce.compute().items():
+                self.log_dict({f"{stage}/ce_{name}": range_ce.float(), f"{stage}/bits_per_token_{name}": range_ce.float() / math.log(2)})
+            self.val_range_ce.reset()
         for metric in (self.val_ce, self.val_sigreg, self.val_onchain):
             metric.reset()
 

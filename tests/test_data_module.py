@@ -32,21 +32,21 @@ def test_validation_batches_follow_the_contract(tmp_path):
 
 def test_training_windows_are_deterministic_and_resumable(tmp_path):
     stream = np.arange(1000, dtype=np.uint16) % 256
-    a = RandomWindows(stream, seq_len=16, batch_size=4, seed=3)
+    a = RandomWindows([stream], seq_len=16, batch_size=4, seed=3)
     batches = [b for _, b in zip(range(5), a)]
-    resumed = RandomWindows(stream, seq_len=16, batch_size=4, seed=3, start_batch=3)
+    resumed = RandomWindows([stream], seq_len=16, batch_size=4, seed=3, start_batch=3)
     assert torch.equal(next(iter(resumed))["tokens"], batches[3]["tokens"])
     b = batches[0]
     assert torch.equal(b["targets"][:, :-1], b["tokens"][:, 1:]) and (b["targets"][:, -1] == PAD).all()
     assert torch.equal(b["tokens"], torch.from_numpy(stream.astype(np.int64))[b["positions"]])
-    other_seed = next(iter(RandomWindows(stream, seq_len=16, batch_size=4, seed=4)))
+    other_seed = next(iter(RandomWindows([stream], seq_len=16, batch_size=4, seed=4)))
     assert not torch.equal(other_seed["tokens"], batches[0]["tokens"])
 
 
 def test_global_batch_is_split_across_ranks(tmp_path):
     stream = np.arange(5000, dtype=np.uint16) % 256
-    whole = RandomWindows(stream, 8, 4, seed=1, world_size=1).batch(7)["positions"]
-    halves = [RandomWindows(stream, 8, 2, seed=1, rank=r, world_size=2).batch(7)["positions"] for r in range(2)]
+    whole = RandomWindows([stream], 8, 4, seed=1, world_size=1).batch(7)["positions"]
+    halves = [RandomWindows([stream], 8, 2, seed=1, rank=r, world_size=2).batch(7)["positions"] for r in range(2)]
     assert torch.equal(torch.cat(halves), whole)
 
 
