@@ -1,10 +1,11 @@
-"""`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`, `export`, `score` and `graph`."""
+"""`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`, `export`, `score`, `graph` and `generate`."""
 
 import json
 import sys
 from dataclasses import asdict
 from glob import glob
 from pathlib import Path
+from typing import Optional
 
 import jsonargparse
 import lightning as L
@@ -19,11 +20,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from soma_lightning.callbacks import PreemptionCheckpoint, RunInfo
 from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write_safetensors
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
+from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, RegexConstraint, RepetitionPenalty
+from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.data_modules.byte_corpus import source_files
 from soma_lightning.data_modules.modalities import decode_to_files
 from soma_lightning.data_modules.multimodal import MultimodalCorpus, Shards, prepare_corpus
 from soma_lightning.errors import UserError
+from soma_lightning.generate import generate, write_trace
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
 from soma_lightning.nn.semantic_graph import EDGE_TYPES, build_graph
@@ -39,6 +43,7 @@ DESCRIPTION = (
     "`soma-lightning export --ckpt RUN --out FILE` (one safetensors file from a checkpoint, sharded ones "
     "consolidated; SOMA V1 in its canonical layout), `soma-lightning score --weights FILE --data PATH` (the on-chain loss "
     "of canonical V1 weights), `soma-lightning graph --ckpt RUN --text TEXT` (the semantic graph a SOSM model builds), "
+    "`soma-lightning generate --ckpt RUN --prompt TEXT` (sampling, constraints, provenance traces), "
     "`soma-lightning report RUN_DIR` (plots and a markdown summary of a run), `soma-lightning prepare --config SPEC "
     "[--out DIR]` (multimodal shards) and `soma-lightning decode --data DIR --tokens FILE --out DIR` (ids -> text, PNG, "
     "WAV); each has --help."
@@ -393,9 +398,61 @@ def decode_main(args: list[str]) -> None:
     print(json.dumps({"tokens": int(np.size(tokens)), "files": [str(p) for p in written]}))
 
 
+def generate_main(args: list[str]) -> None:
+    parser = jsonargparse.ArgumentParser(
+        prog="soma-lightning generate",
+        description="Continue a prompt (its UTF-8 bytes) with a checkpoint's model; prints the generated text, and a summary line on stderr.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file, or a run directory (runs/NAME/version_N)")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--which", choices=["best", "last"], default="last", help="which checkpoint of a run directory")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=Optional[int], default=None)
+    parser.add_argument("--top-p", type=Optional[float], default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allowed-bytes", default=None, help="only these bytes (and EOS) may be emitted")
+    parser.add_argument("--denied-bytes", default=None, help="these bytes may not be emitted")
+    parser.add_argument("--facts", default=None, help="a file of fact strings (one per line): words must come from them or the function words")
+    parser.add_argument("--regex", default=None, help="the generated text must match this pattern (see soma_lightning/constraints.py for the subset)")
+    parser.add_argument("--repetition-penalty", type=Optional[float], default=None)
+    parser.add_argument("--trace", default=None, help="write one JSON line per emitted token: probability, constraint decisions, provenance")
+    parser.add_argument("--speculative", action="store_true", help="draft with the model's MTP heads, verify with the main head (greedy)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token (the reference)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    cfg = parser.parse_args(args)
+    _, module = _load_run(cfg.ckpt, cfg.which)
+    processors = []
+    if cfg.allowed_bytes is not None:
+        processors.append(AllowedTokens(list(cfg.allowed_bytes.encode()) + [EOS]))
+    if cfg.denied_bytes is not None:
+        processors.append(DeniedTokens(list(cfg.denied_bytes.encode())))
+    if cfg.facts is not None:
+        path = Path(cfg.facts)
+        if not path.is_file():
+            raise UserError(f"--facts: {cfg.facts!r} is not a file")
+        processors.append(FactVocabulary([line for line in path.read_text().splitlines() if line.strip()]))
+    if cfg.regex is not None:
+        processors.append(RegexConstraint(cfg.regex))
+    if cfg.repetition_penalty is not None:
+        processors.append(RepetitionPenalty(cfg.repetition_penalty))
+    result = generate(
+        module.model.to(cfg.device), cfg.prompt.encode(), cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
+        processors, use_cache=not cfg.no_cache, trace=cfg.trace is not None, speculative=cfg.speculative,
+    )
+    if cfg.trace is not None:
+        write_trace(cfg.trace, result.trace)
+    print(result.texts[0])
+    summary = f"soma-lightning: {len(result.tokens[0])} tokens, stop: {result.stop_reasons[0]}, {result.forward_passes} forward passes"
+    if cfg.speculative:
+        summary += f", {result.accepted}/{result.drafted} drafts accepted"
+    print(summary, file=sys.stderr)
+
+
 COMMANDS = {
-    "inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main, "report": report_main,
-    "prepare": prepare_main, "decode": decode_main,
+    "inspect": inspect_main, "export": export_main, "score": score_main, "graph": graph_main, "generate": generate_main,
+    "report": report_main, "prepare": prepare_main, "decode": decode_main,
 }
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.decode import KVCache, cached_attention, causal_offset_mask
 from soma_lightning.nn.rope import apply_rope, rope_angles
 
 
@@ -67,7 +68,10 @@ class MultiHeadAttention(nn.Module):
         q = apply_rope(self.query(x).view(b, t, self.num_heads, self.head_dim), angles).transpose(1, 2)
         k = apply_rope(self.key(x).view(b, t, self.num_heads, self.head_dim), angles).transpose(1, 2)
         v = self.value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.impl == "sdpa":
+        if ctx.decode is not None:
+            k, v = ctx.decode.cache(self, lambda: KVCache(ctx.decode.capacity)).extend(k, v)
+            y = cached_attention(ctx.decode, self, q, k, v, causal_offset_mask(ctx.decode.start, t, x.device))
+        elif self.impl == "sdpa":
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:

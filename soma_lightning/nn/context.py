@@ -2,6 +2,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from soma_lightning.nn.decode import DecodeState
+
 
 @dataclass
 class SequenceContext:
@@ -12,3 +14,4 @@ class SequenceContext:
     structure: Tensor | None = None  # [B, T, L] enclosing-span starts per position (data_modules/structure.py)
     cache: dict = field(default_factory=dict)  # built once per forward, shared by layers (e.g. attention masks)
     mtp: list | None = None  # where MTP heads put their predictions (training); None skips the heads
+    decode: DecodeState | None = None  # incremental decoding: the tokens are the newest of the sequence it holds

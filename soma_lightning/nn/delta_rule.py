@@ -39,13 +39,23 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: fl
 
 
 def gated_delta_rule_recurrent(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, resets: Tensor | None = None, scale: float | None = None
-) -> Tensor:
-    """Reference: the recurrence one token at a time. -> [B, T, HV, V] in v's dtype."""
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    resets: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Reference: the recurrence one token at a time. -> [B, T, HV, V] in v's dtype; with `output_states`
+    also the float32 state after each token [B, T, HV, K, V]. `initial_state` [B, HV, K, V]: the state
+    before the first token (default zero), as incremental decoding continues a sequence."""
     dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, scale)
-    state = q.new_zeros(*v.shape[:2], k.shape[-1], v.shape[-1])  # [B, HV, K, V]
-    outputs = []
+    state = q.new_zeros(*v.shape[:2], k.shape[-1], v.shape[-1]) if initial_state is None else initial_state.float()  # [B, HV, K, V]
+    outputs, states = [], []
     for t in range(q.shape[2]):
         state = state * g[:, :, t, None, None].exp()
         if resets is not None:
@@ -53,7 +63,10 @@ def gated_delta_rule_recurrent(
         delta = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", state, k[:, :, t]))
         state = state + torch.einsum("bhk,bhv->bhkv", k[:, :, t], delta)
         outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
-    return torch.stack(outputs, dim=1).to(dtype)
+        if output_states:
+            states.append(state)
+    o = torch.stack(outputs, dim=1).to(dtype)
+    return (o, torch.stack(states, dim=1)) if output_states else o
 
 
 def gated_delta_rule_chunked(
@@ -65,9 +78,12 @@ def gated_delta_rule_chunked(
     resets: Tensor | None = None,
     scale: float | None = None,
     chunk_size: int = CHUNK_SIZE,
-) -> Tensor:
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The recurrence in chunks of `chunk_size` tokens: matrix products within a chunk, a loop over chunks.
-    -> [B, T, HV, V] in v's dtype.
+    -> [B, T, HV, V] in v's dtype; with `output_final_state` also the float32 state after the last token
+    [B, HV, K, V]. `initial_state`: as in `gated_delta_rule_recurrent`.
 
     Within a chunk (positions i, j; S0 the state entering it; G the cumulative sum of g in the chunk),
     with gamma(i, j) = exp(G_i - G_j) for j <= i in one document (else 0) and carry_i = exp(G_i) before
@@ -102,14 +118,14 @@ def gated_delta_rule_chunked(
     q_carry = q * carry[..., None]
     k_to_end = k * gamma[..., -1, :, None]
 
-    state = q.new_zeros(*v.shape[:2], k.shape[-1], v.shape[-1])  # [B, HV, K, V]
+    state = q.new_zeros(*v.shape[:2], k.shape[-1], v.shape[-1]) if initial_state is None else initial_state.float()  # [B, HV, K, V]
     outputs = []
     for n in range(q.shape[2]):
         delta = u[:, :, n] - w[:, :, n] @ state
         outputs.append(q_carry[:, :, n] @ state + scores[:, :, n] @ delta)
         state = carry[:, :, n, -1, None, None] * state + k_to_end[:, :, n].mT @ delta
-    o = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :t]
-    return o.transpose(1, 2).to(dtype)
+    o = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :t].transpose(1, 2).to(dtype)
+    return (o, state) if output_final_state else o
 
 
 @functools.cache

@@ -24,6 +24,7 @@ class HashedNgramEmbedding(nn.Module):
         if buckets < 1:
             raise ValueError(f"buckets: must be positive, got {buckets}")
         self.ngram_sizes, self.num_tables, self.buckets = list(ngram_sizes), num_tables, buckets
+        self.lookback = max(ngram_sizes) - 1  # earlier tokens a position's embedding reads
         self.tables = nn.ModuleList(nn.Embedding(buckets, d_model) for _ in range(len(ngram_sizes) * num_tables))
         for table in self.tables:
             nn.init.normal_(table.weight, std=0.02)
@@ -52,6 +53,7 @@ class ModalityEmbedding(nn.Module):
         if not vocab_ranges:
             raise ValueError("vocab_ranges: the modality embedding needs model.arch.vocab_ranges")
         self.ranges = dict(vocab_ranges)
+        self.lookback = 0
         self.table = nn.Embedding(len(self.ranges), d_model)
         nn.init.normal_(self.table.weight, std=0.02)
 

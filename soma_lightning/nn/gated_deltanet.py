@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.delta_rule import CHUNK_SIZE, gated_delta_rule, short_conv
+from soma_lightning.nn.decode import DecodeState, RecurrentCache
+from soma_lightning.nn.delta_rule import CHUNK_SIZE, gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent, short_conv
 
 
 def document_resets(ctx: SequenceContext) -> Tensor | None:
@@ -77,21 +78,44 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.norm = nn.RMSNorm(v_head_dim, eps=norm_eps)
 
-    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
-        resets = document_resets(ctx)
-        conv_impl = self.impl if self.impl in ("auto", "fla") else "torch"
-        qkv = short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), self.conv, resets, conv_impl)
+    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         key_dim = self.num_heads * self.head_dim
         q, k, v = qkv.split([key_dim, key_dim, self.num_v_heads * self.v_head_dim], dim=-1)
         q, k = q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_v_heads, self.v_head_dim))
+        return q, k, v.unflatten(-1, (self.num_v_heads, self.v_head_dim))
+
+    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        inputs = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         beta = self.b_proj(x).sigmoid()
         g = -self.A_log.exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
-        o = gated_delta_rule(q, k, v, g, beta, resets, impl=self.impl)
+        if ctx.decode is None:
+            resets = document_resets(ctx)
+            conv_impl = self.impl if self.impl in ("auto", "fla") else "torch"
+            o = gated_delta_rule(*self._heads(short_conv(inputs, self.conv, resets, conv_impl)), g, beta, resets, impl=self.impl)
+        else:
+            o = self._continue(inputs, g, beta, ctx.decode)
         # The norm's weight in o's dtype: under autocast o is bf16, and a float32 weight would miss the fused kernel.
         o = F.rms_norm(o, self.norm.normalized_shape, self.norm.weight.to(o.dtype), self.norm.eps)
         o = o * self.gate_proj(x).unflatten(-1, (self.num_v_heads, self.v_head_dim)).sigmoid()
         return self.out_proj(o.flatten(-2))
+
+    def _continue(self, inputs: Tensor, g: Tensor, beta: Tensor, state: DecodeState) -> Tensor:
+        """Incremental decoding in PyTorch: the convolution over the cached last inputs and the new ones, the
+        delta rule from the cached state; step by step (the reference recurrence) for one token or when
+        rollback needs every state, chunked otherwise (a prompt)."""
+        cache = state.cache(self, lambda: RecurrentCache(self.conv.shape[1]))
+        history = cache.conv_history()
+        if history is not None:
+            inputs = torch.cat([history, inputs], dim=1)
+        n = g.shape[1]
+        q, k, v = self._heads(short_conv(inputs, self.conv, impl="torch")[:, -n:])
+        if n == 1 or state.keep_steps:
+            o, states = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=cache.state, output_states=True)
+        else:
+            o, final = gated_delta_rule_chunked(q, k, v, g, beta, initial_state=cache.state, output_final_state=True)
+            states = final[:, None]
+        cache.update(inputs, states, n)
+        return o
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections plus the chunked delta rule's matrix work (chunks of CHUNK_SIZE, so not seq_len)."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.decode import KVCache, cached_attention, causal_offset_mask
 from soma_lightning.nn.rope import apply_rope, rope_angles
 
 
@@ -39,20 +40,21 @@ def dense_mask(t: int, window: int | None, global_stride: int | None, doc_ids: T
     return mask
 
 
-def tree_distance(structure: Tensor) -> Tensor:
-    """[B, T, L] enclosing-span starts (outermost first, -1 past the depth) -> [B, T, T]: steps from one
-    position's innermost span to the other's through their deepest common span (0 within one span)."""
+def tree_distance(structure: Tensor, keys: Tensor | None = None) -> Tensor:
+    """[B, T, L] enclosing-span starts (outermost first, -1 past the depth) of the queries, and of the keys
+    [B, S, L] (default: the same positions) -> [B, T, S]: steps from one position's innermost span to the
+    other's through their deepest common span (0 within one span)."""
+    keys = structure if keys is None else keys
     valid = structure >= 0
-    depth = valid.sum(-1)
-    same = (structure[:, :, None, :] == structure[:, None, :, :]) & valid[:, :, None, :]
+    same = (structure[:, :, None, :] == keys[:, None, :, :]) & valid[:, :, None, :]
     common = same.long().cumprod(dim=-1).sum(dim=-1)
-    return depth[:, :, None] + depth[:, None, :] - 2 * common
+    return valid.sum(-1)[:, :, None] + (keys >= 0).sum(-1)[:, None, :] - 2 * common
 
 
-def structure_bias(table: Tensor, structure: Tensor) -> Tensor:
-    """[H, buckets] learned bias, [B, T, L] structure -> [B, H, T, T], the tree distance clipped to the last
-    bucket."""
-    bucket = tree_distance(structure).clamp(max=table.shape[1] - 1)
+def structure_bias(table: Tensor, structure: Tensor, keys: Tensor | None = None) -> Tensor:
+    """[H, buckets] learned bias, [B, T, L] structure (of the queries; of the keys [B, S, L], default the
+    same) -> [B, H, T, S], the tree distance clipped to the last bucket."""
+    bucket = tree_distance(structure, keys).clamp(max=table.shape[1] - 1)
     return table[:, bucket].permute(1, 0, 2, 3)
 
 
@@ -197,7 +199,7 @@ class GroupedQueryAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
         q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
-        y = self._attend(q, k, v, ctx)
+        y = self._attend(q, k, v, ctx) if ctx.decode is None else self._attend_cached(q, k, v, ctx)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
@@ -228,6 +230,24 @@ class GroupedQueryAttention(nn.Module):
         if bias is not None:
             mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=groups > 1)
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
+        """The new positions' queries against the cached keys (the KV heads only), under the same pattern
+        and structural bias as `_attend` (one document: generation never packs several)."""
+        state = ctx.decode
+        k, v = state.cache(self, lambda: KVCache(state.capacity)).extend(k, v)
+        n, t = q.shape[2], k.shape[2]
+        if self.window is None:
+            mask = causal_offset_mask(state.start, n, q.device)
+        else:
+            position = torch.arange(t, device=q.device)
+            mask = visible(position[t - n :, None], position[None], self.window, self.global_stride)
+        bias = None
+        if self.structure_bias is not None:
+            if state.structure is None:
+                raise ValueError("structure_buckets is set, but decoding was given no `structure` rows")
+            bias = structure_bias(self.structure_bias, state.structure[:, t - n :], state.structure)
+        return cached_attention(state, self, q, k, v, mask, bias)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections plus QK^T and AV over the keys a query sees on average (window and global keys

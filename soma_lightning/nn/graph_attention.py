@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.decode import KVCache
 from soma_lightning.nn.gqa import flex
 from soma_lightning.nn.rope import apply_rope, rope_angles
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
@@ -29,18 +30,23 @@ def slot_bias(edge_bias: Tensor, edge_type: Tensor) -> Tensor:
     return edge_bias[:, edge_type.clamp(min=0)].transpose(0, 1)
 
 
-def gather_attention(q: Tensor, k: Tensor, v: Tensor, neighbors: Tensor, bias: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """q, k, v [B, H, T, hd], neighbors [B, T, E], bias [B, H, T, E] -> [B, H, T, hd]: softmax over each
-    query's E slots only, scores in float32."""
-    b, h, t, hd = k.shape
-    e = neighbors.shape[-1]
+def gather_attention(
+    q: Tensor, k: Tensor, v: Tensor, neighbors: Tensor, bias: Tensor, dropout_p: float = 0.0, weights: list | None = None
+) -> Tensor:
+    """q [B, H, T, hd], k, v [B, H, S, hd] (S >= T: incremental decoding's queries are the last T of S
+    positions), neighbors [B, T, E], bias [B, H, T, E] -> [B, H, T, hd]: softmax over each query's E slots
+    only, scores in float32. `weights`: a list to append the softmax weights [B, H, T, E] to."""
+    b, h, _, hd = k.shape
+    t, e = neighbors.shape[1:]
     index = neighbors.clamp(min=0).view(b, 1, t * e, 1).expand(b, h, t * e, hd)
     k_slots = k.gather(2, index).view(b, h, t, e, hd)
     v_slots = v.gather(2, index).view(b, h, t, e, hd)
     scores = torch.einsum("bhtd,bhted->bhte", q, k_slots).float() / math.sqrt(hd) + bias.float()
     scores = scores.masked_fill(neighbors[:, None] < 0, float("-inf"))
-    probs = F.dropout(scores.softmax(dim=-1), dropout_p).to(v.dtype)
-    return torch.einsum("bhte,bhted->bhtd", probs, v_slots)
+    probs = scores.softmax(dim=-1)
+    if weights is not None:
+        weights.append(probs)
+    return torch.einsum("bhte,bhted->bhtd", F.dropout(probs, dropout_p).to(v.dtype), v_slots)
 
 
 def dense_graph(neighbors: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,7 +139,15 @@ class GraphAttention(nn.Module):
         angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
         q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
         self.last_edges_per_token = (graph.neighbors >= 0).sum().detach() / (b * t)
-        if self.impl == "flex":
+        if ctx.decode is not None:  # the new positions' edges, into the cached keys
+            k, v = ctx.decode.cache(self, lambda: KVCache(ctx.decode.capacity)).extend(k, v)
+            weights = [] if ctx.decode.record_attention else None
+            y = gather_attention(q, k, v, graph.neighbors, slot_bias(self.edge_bias, graph.edge_type), weights=weights)
+            if weights:
+                columns = graph.neighbors.masked_fill(graph.neighbors < 0, k.shape[2])[:, None].expand_as(weights[0])
+                dense = weights[0].new_zeros(b, self.num_heads, t, k.shape[2] + 1).scatter_(-1, columns, weights[0])
+                ctx.decode.attention[self] = dense[..., :-1]
+        elif self.impl == "flex":
             if "semantic_graph_block_mask" not in ctx.cache:
                 ctx.cache["semantic_graph_block_mask"] = graph_block_mask(graph.neighbors)
             score_mod = graph_score_mod(graph.neighbors, graph.edge_type.clamp(min=0), self.edge_bias)

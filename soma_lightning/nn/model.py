@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.decode import DecodeState
 from soma_lightning.nn.mtp import MTPHeads, MTPPrediction, SequentialMTP
 
 
@@ -101,7 +102,11 @@ class SomaModel(nn.Module):
     def _hidden(self, tokens: Tensor, ctx: SequenceContext) -> Tensor:
         x = self.embedding(tokens) if isinstance(self.embedding, nn.Embedding) else self.embedding(tokens, ctx)
         for embedding in self.input_embeddings:
-            x = x + embedding(tokens)
+            if ctx.decode is None:
+                x = x + embedding(tokens)
+            else:  # the new tokens with the `lookback` earlier ones they read (all, for a module without it)
+                lookback = getattr(embedding, "lookback", ctx.decode.length)
+                x = x + embedding(ctx.decode.tokens[:, -(tokens.shape[1] + lookback) :])[:, -tokens.shape[1] :]
         return self.encoder(x, ctx)
 
     def encode(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None, structure: Tensor | None = None) -> Tensor:
@@ -121,6 +126,16 @@ class SomaModel(nn.Module):
         if self.mtp is not None:
             ctx.mtp.extend(self.mtp(hidden, tokens, self.embedding, ctx))
         return self.final_norm(hidden), ctx.mtp
+
+    def extend(
+        self, tokens: Tensor, state: DecodeState, structure: Tensor | None = None, mtp: bool = False
+    ) -> tuple[Tensor, list[MTPPrediction]]:
+        """Incremental forward: tokens [B, n] (and their structure rows [B, n, L], for mixers that read it)
+        continue the sequence `state` holds (an empty state: they are the prompt). -> the final
+        representations of the new positions [B, n, D], equal to `encode` of the whole sequence at those
+        positions; with `mtp`, the predictions of the in-block MTP heads (not the sequential modules) there."""
+        ctx = SequenceContext(positions=state.append(tokens, structure), structure=structure, decode=state, mtp=[] if mtp else None)
+        return self.final_norm(self._hidden(tokens, ctx)), ctx.mtp or []
 
     def predict(self, representations: Tensor) -> Tensor:
         return self.predictor(representations)

@@ -178,16 +178,17 @@ def _select(scores: Tensor, keys: Tensor, entropy: Tensor | None, rank: Tensor |
     return torch.where(keep, keys, -1)
 
 
-def _assemble(blocks: Tensor, semantic: Tensor, cfg: GraphConfig, fib: Tensor) -> SemanticGraph:
-    """The structural slots in front of the semantic neighbours [B, T, K], and the provenance."""
+def _assemble(blocks: Tensor, semantic: Tensor, cfg: GraphConfig, fib: Tensor, start: int = 0) -> SemanticGraph:
+    """The structural slots in front of the semantic neighbours [B, T, K] of the queries from `start` on,
+    and the provenance."""
     b, t, _ = semantic.shape
     offsets = torch.cat([torch.tensor([0, 1], device=fib.device), fib])
-    structural = torch.arange(t, device=fib.device)[:, None] - offsets
+    structural = torch.arange(start, start + t, device=fib.device)[:, None] - offsets
     neighbors = torch.cat([structural.clamp(min=-1).expand(b, -1, -1), semantic], dim=-1)
     types = torch.tensor([0, 1] + [2] * len(fib) + [3] * cfg.top_k, device=fib.device)
     edge_type = torch.where(neighbors >= 0, types, -1)
     rows = torch.arange(b, device=fib.device)[:, None, None]
-    terms = (blocks[rows, semantic.clamp(min=0)] * blocks[:, :, None]).sum(-1)  # [B, T, K, n]
+    terms = (blocks[rows, semantic.clamp(min=0)] * blocks[:, start:, None]).sum(-1)  # [B, T, K, n]
     terms = terms * (semantic >= 0)[..., None]
     provenance = torch.cat([terms.new_zeros(b, t, len(offsets), terms.shape[-1]), terms], dim=2)
     return SemanticGraph(neighbors, edge_type, provenance)
@@ -235,14 +236,16 @@ def _stream_queries(u: Tensor, q0: int, q1: int, cfg: GraphConfig, fib: Tensor) 
 
 
 @torch.no_grad()
-def build_graph(state: Tensor, cfg: GraphConfig) -> SemanticGraph:
-    """state [B, T, 64] -> the graph of each row, streamed (see the module docstring). No gradient."""
+def build_graph(state: Tensor, cfg: GraphConfig, start: int = 0) -> SemanticGraph:
+    """state [B, T, 64] -> the graph of each row, streamed (see the module docstring), for the queries from
+    `start` on ([B, T - start, E]; incremental decoding asks for its new positions only, each against every
+    earlier one). No gradient."""
     blocks = semantic_blocks(state, cfg)
     u = _features(blocks, cfg)
     t = state.shape[1]
     fib = _fibonacci(t, cfg, state.device)
-    chunks = [_stream_queries(u, q0, min(q0 + cfg.chunk_size, t), cfg, fib) for q0 in range(0, t, cfg.chunk_size)]
-    return _assemble(blocks, torch.cat(chunks, dim=1), cfg, fib)
+    chunks = [_stream_queries(u, q0, min(q0 + cfg.chunk_size, t), cfg, fib) for q0 in range(start, t, cfg.chunk_size)]
+    return _assemble(blocks, torch.cat(chunks, dim=1), cfg, fib, start)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.decode import KVCache, causal_offset_mask
 from soma_lightning.nn.semantic_graph import BLOCK_DIM, MU_BLOCKS, GraphConfig, build_graph
 
 NUM_BLOCKS = len(MU_BLOCKS)
@@ -36,6 +37,23 @@ def variance_hinge(mu: Tensor) -> Tensor:
     """VICReg variance term: mean over MU dims of relu(1 - std over all batch * time positions)."""
     std = torch.sqrt(mu.flatten(0, -2).float().var(dim=0, correction=0) + 1e-4)  # eps keeps the gradient finite at std 0
     return F.relu(1 - std).mean()
+
+
+class SemanticCache:
+    """Incremental decoding's memory of the semantic state: MU of every position so far (the graph of a new
+    position is built against it) and the block attention's keys and values."""
+
+    def __init__(self, capacity: int) -> None:
+        self.mu: Tensor | None = None  # [B, T, 64]
+        self.block_kv = KVCache(capacity)
+
+    def extend(self, mu: Tensor) -> Tensor:
+        self.mu = mu if self.mu is None else torch.cat([self.mu, mu], dim=1)
+        return self.mu
+
+    def rollback(self, length: int) -> None:
+        self.mu = self.mu[:, :length]
+        self.block_kv.rollback(length)
 
 
 class SemanticStateEmbedding(nn.Module):
@@ -90,22 +108,38 @@ class SemanticStateEmbedding(nn.Module):
         self.aux_loss: Tensor | None = None
         self.stats: dict[str, Tensor] = {}
 
-    def block_mix(self, mu: Tensor) -> Tensor:
-        """[B, T, 64] -> [B, T, 64]: mu + gate * (causal attention of each block with itself)."""
+    def block_mix(self, mu: Tensor, cache: SemanticCache | None = None) -> Tensor:
+        """[B, T, 64] -> [B, T, 64]: mu + gate * (causal attention of each block with itself); with a cache,
+        the T positions continue the cached ones."""
         qkv = torch.einsum("btnc,ncd->bntd", mu_blocks(mu), self.block_qkv)  # [B, 16, T, 3 * size]
-        attended = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1), is_causal=True).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if cache is None:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start = cache.block_kv.length
+            k, v = cache.block_kv.extend(k, v)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_offset_mask(start, q.shape[2], q.device))
+        attended = attended.transpose(1, 2)
         gate = torch.sigmoid(self.block_gate(mu)).unsqueeze(-1)  # [B, T, 16, 1]
         return mu + (gate * attended).flatten(-2)
 
     def forward(self, tokens: Tensor, ctx: SequenceContext) -> Tensor:
-        x, mu = self.embed(tokens)
-        ctx.cache["semantic_graph"] = build_graph(mu.detach(), self.graph)
+        """With ctx.decode, `tokens` continue the decoded sequence: the graph rows of the new positions are
+        built against MU of all positions so far (and kept in ctx.decode.graph for provenance)."""
+        if ctx.decode is None:
+            x, mu = self.embed(tokens)
+            ctx.cache["semantic_graph"] = build_graph(mu.detach(), self.graph)
+            return x
+        cache = ctx.decode.cache(self, lambda: SemanticCache(ctx.decode.capacity))
+        x, mu = self.embed(tokens, cache)
+        graph = build_graph(cache.extend(mu.detach()), self.graph, start=ctx.decode.start)
+        ctx.cache["semantic_graph"] = ctx.decode.graph = graph
         return x
 
-    def embed(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def embed(self, tokens: Tensor, cache: SemanticCache | None = None) -> tuple[Tensor, Tensor]:
         mu = self.mu_proj(self.factor(tokens))
         if self.block_qkv is not None:
-            mu = self.block_mix(mu)
+            mu = self.block_mix(mu, cache)
         x = self.drop(self.norm(self.proj(torch.cat([mu, self.temporal(tokens)], dim=-1))))
 
         orthogonality, variance = block_orthogonality(mu), variance_hinge(mu)

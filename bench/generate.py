@@ -1,0 +1,160 @@
+"""Decode speed, side by side in one run; prints tables and writes JSON.
+
+    python bench/generate.py --out generate.json                  # one GPU: full-size specs, bf16
+    python bench/generate.py --device cpu --small                 # CPU smoke run: tiny specs, short contexts
+
+1. Decode tokens/s with the cache vs full recompute, at two contexts (1K and 8K; --small: 128 and 512), for
+   the V1, MoE and hybrid specs (random weights, batch 1, greedy). Decode rate = (N - 1) tokens over the
+   time of generating N tokens minus the time of generating 1 (so the prompt's prefill is not counted).
+2. The V1-shaped model: our cached greedy decoding vs Hugging Face transformers' `generate` (greedy, its
+   default dynamic KV cache) on a GPT-NeoX model of the same shape (pre-norm LayerNorm, biased
+   projections, rotary on the full head, exact GELU MLP, sequential residual), at batch 1 and 16, prompt
+   of the first context. Skipped, with the reason printed, if transformers is not installed.
+3. With --speculative-ckpt RUN (a trained model with MTP heads): MTP self-speculative vs plain greedy
+   decoding of 128 tokens from four Shakespeare prompts: drafts accepted, tokens per forward pass, wall
+   clock speed-up (the outputs are checked equal).
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from soma_lightning import build_model, load_spec
+from soma_lightning.generate import generate
+
+FULL = {"V1": "specs/soma_v1.yaml", "MoE": "specs/gpt5_moe.yaml", "hybrid": "specs/hybrid_small.yaml"}
+SMALL = {"V1": "specs/quickstart.yaml", "MoE": "specs/gpt5_moe_tiny.yaml", "hybrid": "specs/hybrid_tiny.yaml"}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_rate(run, new_tokens: int, device: str) -> float:
+    """Tokens/s of decoding: `run(n)` generates n tokens after the prompt; one warm-up call first."""
+    run(2)
+    times = {}
+    for n in (1, new_tokens):
+        _sync(device)
+        start = time.perf_counter()
+        run(n)
+        _sync(device)
+        times[n] = time.perf_counter() - start
+    return (new_tokens - 1) / max(times[new_tokens] - times[1], 1e-9)
+
+
+def cache_table(specs: dict, contexts: list[int], new_tokens: int, device: str, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for name, path in specs.items():
+        torch.manual_seed(0)
+        model = build_model(load_spec(path), device=device).to(dtype).eval()
+        for context in contexts:
+            prompt = torch.randint(0, 256, (1, context - new_tokens), device=device)
+            row = {"model": name, "spec": path, "context": context}
+            for use_cache in (True, False):
+                rate = decode_rate(lambda n: generate(model, prompt, n, use_cache=use_cache), new_tokens, device)
+                row["cached_tok_s" if use_cache else "recompute_tok_s"] = rate
+            rows.append(row)
+            print(f"{name:7s} {context:7d} {row['cached_tok_s']:12.1f} {row['recompute_tok_s']:12.1f} {row['cached_tok_s'] / row['recompute_tok_s']:8.1f}x", flush=True)
+        del model
+    return rows
+
+
+def neox_like(spec_path: str, context: int, device: str, dtype: torch.dtype):
+    """A transformers GPT-NeoX model of the V1 spec's shape (random weights), or the reason it cannot be built."""
+    try:
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    except ImportError as e:
+        return None, f"transformers is not installed ({e})"
+    spec = load_spec(spec_path)
+    layer = spec.blocks[next(iter(spec.blocks))]
+    mixer, ffn = layer[0]["mixer"], layer[1]["ffn"]
+    config = GPTNeoXConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers, num_attention_heads=mixer["num_heads"],
+        intermediate_size=ffn["hidden_dim"], hidden_act="gelu", rotary_pct=1.0, rotary_emb_base=mixer.get("rope_base", 10000.0),
+        max_position_embeddings=context, use_parallel_residual=False, layer_norm_eps=1e-5, tie_word_embeddings=False,
+        attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=256,
+    )
+    return GPTNeoXForCausalLM(config).to(device=device, dtype=dtype).eval(), None
+
+
+def hf_table(spec_path: str, context: int, new_tokens: int, batches: list[int], device: str, dtype: torch.dtype) -> list[dict]:
+    hf, reason = neox_like(spec_path, context, device, dtype)
+    if hf is None:
+        print(f"skipped: {reason}")
+        return [{"skipped": reason}]
+    torch.manual_seed(0)
+    ours = build_model(load_spec(spec_path), device=device).to(dtype).eval()
+    n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
+    rows = []
+    for batch in batches:
+        prompt = torch.randint(0, 256, (batch, context - new_tokens), device=device)
+
+        def run_hf(n):
+            with torch.no_grad():
+                hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=256)
+
+        ours_rate = decode_rate(lambda n: generate(ours, prompt, n), new_tokens, device) * batch
+        hf_rate = decode_rate(run_hf, new_tokens, device) * batch
+        rows.append({"batch": batch, "context": context, "ours_tok_s": ours_rate, "hf_tok_s": hf_rate, "ours_params": n_ours, "hf_params": n_hf})
+        print(f"{batch:5d} {context:7d} {ours_rate:12.1f} {hf_rate:12.1f} {ours_rate / hf_rate:8.2f}", flush=True)
+    return rows
+
+
+def speculative_table(ckpt: str, device: str) -> dict:
+    from soma_lightning.cli import _load_run
+
+    model = _load_run(ckpt, "last")[1].model.to(device).eval()
+    totals = {"plain_s": 0.0, "speculative_s": 0.0, "drafted": 0, "accepted": 0, "tokens": 0, "passes": 0}
+    for prompt in (b"ROMEO:\nI will ", b"First Citizen:\nWe are ", b"KING HENRY:\nThe ", b"JULIET:\nO, "):
+        generate(model, prompt, 4), generate(model, prompt, 4, speculative=True)
+        runs = {}
+        for name, speculative in (("plain", False), ("speculative", True)):
+            _sync(device)
+            start = time.perf_counter()
+            runs[name] = generate(model, prompt, 128, speculative=speculative)
+            _sync(device)
+            totals[f"{name}_s"] += time.perf_counter() - start
+        if runs["plain"].tokens != runs["speculative"].tokens:
+            raise RuntimeError(f"speculative decoding differs from greedy for {prompt!r}")
+        spec = runs["speculative"]
+        totals["drafted"] += spec.drafted
+        totals["accepted"] += spec.accepted
+        totals["tokens"] += len(spec.tokens[0])
+        totals["passes"] += spec.forward_passes
+    totals |= {"acceptance": totals["accepted"] / totals["drafted"], "tokens_per_pass": totals["tokens"] / totals["passes"],
+               "speed_up": totals["plain_s"] / totals["speculative_s"]}
+    print(f"\nspeculative ({ckpt}): {totals['accepted']}/{totals['drafted']} drafts accepted ({totals['acceptance']:.1%}), "
+          f"{totals['tokens_per_pass']:.2f} tokens per forward pass, {totals['speed_up']:.2f}x wall clock vs plain greedy")
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny specs and short contexts (CPU smoke run)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per measurement (default 64; --small 16)")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--speculative-ckpt", default=None, help="a trained run with MTP heads (e.g. specs/hybrid_tiny.yaml after 300 steps)")
+    args = parser.parse_args()
+    specs, contexts = (SMALL, [128, 512]) if args.small else (FULL, [1024, 8192])
+    new_tokens = args.new_tokens or (16 if args.small else 64)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    print(f"decode tokens/s, batch 1, greedy, {new_tokens} new tokens, {dtype}, {args.device}")
+    print(f"{'model':7s} {'context':>7s} {'cached':>12s} {'recompute':>12s} {'speed-up':>9s}")
+    rows = cache_table(specs, contexts, new_tokens, args.device, dtype)
+    print(f"\nV1-shaped ({specs['V1']}): ours vs transformers GPT-NeoX generate, total tokens/s over the batch")
+    print(f"{'batch':>5s} {'context':>7s} {'ours':>12s} {'hf':>12s} {'ours/hf':>8s}")
+    hf_rows = hf_table(specs["V1"], contexts[0], new_tokens, [1, 16], args.device, dtype)
+    speculative = speculative_table(args.speculative_ckpt, args.device) if args.speculative_ckpt else None
+    if args.out:
+        result = {"device": args.device, "dtype": str(dtype), "new_tokens": new_tokens, "cache": rows, "transformers": hf_rows, "speculative": speculative}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

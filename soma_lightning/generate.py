@@ -1,0 +1,332 @@
+"""Generation for every architecture: incremental decoding (nn/decode.py), constraints as logits processors
+(constraints.py), per-token provenance traces, and self-speculative decoding with in-block MTP heads.
+
+Prompts and outputs are token ids of the V1 byte contract (data_modules/contract.py): bytes 0-255 and EOS;
+only those are ever emitted (PAD and unused ids are masked), and EOS ends a row.
+
+MoE layers decode dropless: capacity-factor dropping depends on how many tokens share the forward pass
+(the capacity grows with the sequence), so a position's output would change as the sequence grows and a
+cache could never reproduce it. Both the cached and the full-recompute path therefore run with
+`capacity_factor` switched off (`dropless`), which is the usual inference rule.
+"""
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.constraints import LogitsProcessor
+from soma_lightning.data_modules.contract import EOS
+from soma_lightning.data_modules.structure import StructureScanner, batch_structure
+from soma_lightning.errors import UserError
+from soma_lightning.nn.attention import MultiHeadAttention
+from soma_lightning.nn.decode import DecodeState
+from soma_lightning.nn.gqa import GroupedQueryAttention
+from soma_lightning.nn.graph_attention import GraphAttention
+from soma_lightning.nn.model import SomaModel
+from soma_lightning.nn.moe import MoE
+from soma_lightning.nn.mtp import MTPHeads
+from soma_lightning.nn.semantic_graph import EDGE_TYPES
+
+TOP_POSITIONS = 5  # prompt positions listed per emitted token in a trace
+
+
+@contextmanager
+def dropless(model: nn.Module):
+    """Every MoE layer of `model` without capacity dropping for the duration (see the module docstring)."""
+    routed = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [m.capacity_factor for m in routed]
+    for m in routed:
+        m.capacity_factor = None
+    try:
+        yield
+    finally:
+        for m, capacity in zip(routed, saved):
+            m.capacity_factor = capacity
+
+
+def reads_structure(model: nn.Module) -> bool:
+    return any(isinstance(m, GroupedQueryAttention) and m.structure_bias is not None for m in model.modules())
+
+
+@dataclass
+class Generation:
+    """`tokens`: the emitted ids per row (EOS included when emitted); `stop_reasons`: "eos",
+    "max_new_tokens" or "no_allowed_token (after PROCESSOR)"; `trace`: one record per emitted token when
+    asked for; `forward_passes`, `drafted`, `accepted`: decoding statistics (drafts: speculative only)."""
+
+    tokens: list[list[int]]
+    stop_reasons: list[str]
+    trace: list[dict] = field(default_factory=list)
+    forward_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def texts(self) -> list[str]:
+        return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in self.tokens]
+
+
+def as_prompt(prompt: str | bytes | list[int] | list[list[int]] | Tensor, vocab_size: int, device: torch.device) -> Tensor:
+    """A prompt as [B, T] token ids: text is encoded as UTF-8 bytes; rows must have equal lengths."""
+    if isinstance(prompt, str):
+        prompt = prompt.encode()
+    if isinstance(prompt, (bytes, bytearray)):
+        prompt = [list(prompt)]
+    if not isinstance(prompt, Tensor):
+        if prompt and not isinstance(prompt[0], (list, tuple)):
+            prompt = [prompt]
+        if len({len(row) for row in prompt}) > 1:
+            raise UserError(f"prompt: rows must have equal lengths (no padding yet), got {sorted({len(r) for r in prompt})}")
+        prompt = torch.tensor(prompt, dtype=torch.long)
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise UserError(f"prompt: expected non-empty rows of token ids [B, T], got shape {list(prompt.shape)}")
+    if prompt.min() < 0 or prompt.max() >= vocab_size:
+        raise UserError(f"prompt: token ids must lie in 0..{vocab_size - 1}")
+    return prompt.long().to(device)
+
+
+class _Structure:
+    """Per-row structure scanners (data_modules/structure.py): the rows of new tokens, continuing the scan."""
+
+    def __init__(self, batch: int) -> None:
+        self.scanners = [StructureScanner() for _ in range(batch)]
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        rows = [[scanner.push(t) for t in row] for scanner, row in zip(self.scanners, tokens.tolist())]
+        return torch.tensor(rows, dtype=torch.long, device=tokens.device)
+
+
+class _Decoder:
+    """Next-token logits of a growing sequence: incrementally through a DecodeState, or by recomputing the
+    whole sequence with the plain forward pass (the reference)."""
+
+    def __init__(self, model: SomaModel, batch: int, capacity: int, use_cache: bool, record_attention: bool) -> None:
+        self.model, self.use_cache = model, use_cache
+        self.state = DecodeState(capacity, record_attention=record_attention) if use_cache else None
+        self.structure = _Structure(batch) if reads_structure(model) else None
+        self.tokens: Tensor | None = None  # the whole sequence (full recompute only)
+        self.passes = 0
+
+    def logits(self, new: Tensor, mtp: bool = False) -> tuple[Tensor, list]:
+        """Feed `new` [B, n]; -> logits [B, n, V] at the new positions and (cached, `mtp`) the MTP
+        predictions there."""
+        self.passes += 1
+        if self.use_cache:
+            rows = self.structure.rows(new) if self.structure is not None else None
+            reps, predictions = self.model.extend(new, self.state, rows, mtp=mtp)
+            return self.model.predict(reps), predictions
+        self.tokens = new if self.tokens is None else torch.cat([self.tokens, new], dim=1)
+        structure = batch_structure(self.tokens).to(new.device) if self.structure is not None else None
+        return self.model(self.tokens, structure=structure)[:, -new.shape[1] :], []
+
+
+def _emittable(vocab_size: int, device: torch.device) -> Tensor:
+    keep = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    keep[:256] = True
+    keep[EOS] = True
+    return keep
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """-> (chosen ids [B], the distribution they were drawn from [B, V]). temperature 0: greedy."""
+    if temperature == 0:
+        chosen = logits.argmax(dim=-1)
+        return chosen, F.one_hot(chosen, logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - ordered.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+def _attention_layer(model: SomaModel) -> tuple[str, nn.Module] | None:
+    """The last softmax-attention mixer of the main layers (whose weights a trace reports)."""
+    found = [(name, m) for name, m in model.encoder.named_modules() if isinstance(m, (MultiHeadAttention, GroupedQueryAttention, GraphAttention))]
+    return (f"encoder.{found[-1][0]}", found[-1][1]) if found else None
+
+
+def _finite(x: Tensor) -> float | None:
+    """A logit for JSON: None for -inf (a masked id)."""
+    return float(x) if x.isfinite() else None
+
+
+def _byte(t: int) -> str:
+    return bytes([t]).decode("latin-1") if t < 256 else "<EOS>" if t == EOS else f"<{t}>"
+
+
+def _provenance(state: DecodeState, layer: tuple[str, nn.Module] | None, row: int, tokens: Tensor, prompt_length: int) -> dict:
+    """The attention (mean over heads) of the newest query of `row` in the last attention layer: its top
+    prompt positions; for SOSM also the query's graph edges."""
+    out: dict = {}
+    if layer is not None and layer[1] in state.attention:
+        weights = state.attention[layer[1]][row, :, -1].mean(dim=0)  # [T]
+        prompt = weights[:prompt_length]
+        top = prompt.topk(min(TOP_POSITIONS, prompt_length))
+        out["attention"] = {
+            "layer": layer[0],
+            "heads": "mean",
+            "top_prompt_positions": [
+                {"position": j, "byte": _byte(int(tokens[row, j])), "weight": round(w, 6)} for w, j in zip(top.values.tolist(), top.indices.tolist())
+            ],
+        }
+    if state.graph is not None:
+        weights = state.attention[layer[1]][row, :, -1].mean(dim=0) if layer is not None and layer[1] in state.attention else None
+        edges = []
+        for j, kind in zip(state.graph.neighbors[row, -1].tolist(), state.graph.edge_type[row, -1].tolist()):
+            if j >= 0:
+                edge = {"position": j, "byte": _byte(int(tokens[row, j])), "type": EDGE_TYPES[kind]}
+                if weights is not None:
+                    edge["weight"] = round(float(weights[j]), 6)
+                edges.append(edge)
+        out["graph_edges"] = edges
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: SomaModel,
+    prompt_tokens: str | bytes | list[int] | list[list[int]] | Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    processors: list[LogitsProcessor] = (),
+    use_cache: bool = True,
+    trace: bool = False,
+    speculative: bool = False,
+) -> Generation:
+    """Continue each prompt row by up to `max_new_tokens` tokens. temperature 0 is greedy; otherwise
+    softmax sampling at `temperature`, restricted to the `top_k` most likely ids and the smallest set
+    reaching probability `top_p`, drawn from a generator seeded with `seed`. `processors` (constraints.py)
+    run in order on the logits before sampling; a row whose logits they leave all -inf stops with reason
+    "no_allowed_token". `use_cache` False recomputes the whole sequence for every token (the reference).
+    `trace`: record each emitted token's probability, the processors' decisions and its provenance (needs
+    the cache). `speculative`: draft with the last layer's MTP heads and verify with the main head (greedy,
+    one row, no processors): the same tokens as plain greedy decoding, in fewer forward passes."""
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise UserError(f"sampling: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if trace and not use_cache:
+        raise UserError("trace: provenance is recorded by the cached decoder; drop --no-cache")
+    device = next(model.parameters()).device
+    prompt = as_prompt(prompt_tokens, model.predictor.out_features, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with dropless(model):
+            if speculative:
+                if temperature != 0 or processors or trace or not use_cache or prompt.shape[0] != 1:
+                    raise UserError("speculative: needs greedy decoding (temperature 0), one prompt row, the cache, no processors and no trace")
+                return _speculative(model, prompt, max_new_tokens)
+            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), use_cache, trace)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, processors, use_cache, trace) -> Generation:
+    b, prompt_length = prompt.shape
+    decoder = _Decoder(model, b, prompt_length + max_new_tokens, use_cache, record_attention=trace)
+    generator = torch.Generator(prompt.device).manual_seed(seed) if temperature > 0 else None
+    emittable = _emittable(model.predictor.out_features, prompt.device)
+    layer = _attention_layer(model) if trace else None
+    out = Generation(tokens=[[] for _ in range(b)], stop_reasons=["max_new_tokens"] * b)
+    finished = [False] * b
+    tokens, new = prompt, prompt
+    for step in range(max_new_tokens):
+        raw = decoder.logits(new)[0][:, -1].float()
+        logits = raw.masked_fill(~emittable, float("-inf"))
+        stages = []
+        for processor in processors:
+            before, logits = logits, processor(tokens, prompt_length, logits)
+            stages.append((processor.name, before, logits))
+        dead = ~logits.isfinite().any(dim=-1)
+        chosen, sampled = _sample(logits.masked_fill(dead[:, None], 0.0), temperature, top_k, top_p, generator)
+        model_probs = raw.softmax(dim=-1)
+        for row in range(b):
+            if finished[row]:
+                continue
+            if dead[row]:
+                culprit = next(name for name, _, after in stages if not after[row].isfinite().any())
+                out.stop_reasons[row], finished[row] = f"no_allowed_token (after {culprit})", True
+                continue
+            t = int(chosen[row])
+            out.tokens[row].append(t)
+            if trace:
+                record = {"row": row, "step": step, "position": tokens.shape[1], "token": t, "byte": _byte(t),
+                          "probability": round(float(model_probs[row, t]), 6), "sampling_probability": round(float(sampled[row, t]), 6),
+                          "constraints": [{"name": name, "allowed": int(after[row].isfinite().sum()),
+                                           "logit_before": _finite(before[row, t]), "logit_after": _finite(after[row, t])} for name, before, after in stages]}
+                out.trace.append(record | _provenance(decoder.state, layer, row, tokens, prompt_length))
+            if t == EOS:
+                out.stop_reasons[row], finished[row] = "eos", True
+        if all(finished):
+            break
+        new = torch.where(torch.tensor(finished, device=prompt.device), EOS, chosen)[:, None]
+        tokens = torch.cat([tokens, new], dim=1)
+    out.forward_passes = decoder.passes
+    return out
+
+
+def _speculative(model: SomaModel, prompt: Tensor, max_new_tokens: int) -> Generation:
+    """Greedy self-speculative decoding. At the last accepted position t the main head gives token t+1
+    (exact) and the last layer's H MTP heads draft t+2..t+1+H; one pass over those 1 + H tokens verifies the
+    drafts against the main head's greedy choices, keeps the longest agreeing prefix (plus the main head's
+    token after it) and rolls the caches back to it."""
+    heads = [m for m in model.encoder.modules() if isinstance(m, MTPHeads)]
+    if not heads:
+        raise UserError("speculative: the model has no in-block MTP heads (mtp_heads) to draft with")
+    horizons = len(heads[-1].heads)
+    decoder = _Decoder(model, 1, prompt.shape[1] + max_new_tokens + horizons + 1, use_cache=True, record_attention=False)
+    if decoder.structure is not None:
+        raise UserError("speculative: not supported for models with a structural attention bias (the structure scan cannot roll back)")
+    out = Generation(tokens=[[]], stop_reasons=["max_new_tokens"])
+    logits, predictions = decoder.logits(prompt, mtp=True)
+    index = -1  # the position (within the last pass) of the last accepted token
+    emitted = out.tokens[0]
+    while len(emitted) < max_new_tokens:
+        token = int(logits[0, index].argmax())
+        drafts = [int(model.predict(p.representations[0, index]).argmax()) for p in predictions[-horizons:]]
+        emitted.append(token)
+        if token == EOS:
+            out.stop_reasons[0] = "eos"
+            break
+        if len(emitted) == max_new_tokens:
+            break
+        decoder.state.keep_steps = True
+        length = decoder.state.length
+        logits, predictions = decoder.logits(torch.tensor([[token] + drafts], device=prompt.device), mtp=True)
+        greedy = logits[0].argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < horizons and drafts[accepted] == greedy[accepted] and len(emitted) < max_new_tokens:
+            emitted.append(drafts[accepted])
+            accepted += 1
+            if drafts[accepted - 1] == EOS:
+                break
+        out.drafted, out.accepted = out.drafted + horizons, out.accepted + accepted
+        if emitted[-1] == EOS:
+            out.stop_reasons[0] = "eos"
+            break
+        decoder.state.rollback(length + 1 + accepted)
+        index = accepted
+    out.forward_passes = decoder.passes
+    return out
+
+
+def write_trace(path: str | Path, records: list[dict]) -> None:
+    """The trace as JSON lines, written atomically."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
