@@ -110,9 +110,15 @@ def test_resume_on_two_processes_keeps_the_global_data_order_and_the_losses(tmp_
 
 def test_fsdp2_trains_like_ddp_and_exports_one_consolidated_file(tmp_path):
     """2 gloo processes each: FSDP2 (one shard unit per block, sharded checkpoint folders) and DDP reach the
-    same weights; `soma-lightning export` consolidates the FSDP2 folder into one file equal to DDP's."""
+    same weights; `soma-lightning export` consolidates the FSDP2 folder into one file equal to DDP's. K1
+    attribution sees the same gradient norms under both (reduced by DDP, summed over shards under FSDP2) as
+    one process with the whole batch (SIGReg off, so that the gradient is a mean over rows)."""
+    k1 = _callbacks(("soma_lightning.callbacks.K1Attribution", {"every_n_steps": 1}))
+    no_sigreg = ["--model.sigreg.coefficient", "0"]
     for strategy in ("ddp", "fsdp2"):
-        _fit("--config", str(run_config(tmp_path, strategy, 4)), "--trainer.devices", "2", "--config", f"specs/strategies/{strategy}.yaml")
+        config = str(run_config(tmp_path, strategy, 4, dropout=0.0))
+        _fit("--config", config, *no_sigreg, "--trainer.devices", "2", "--config", f"specs/strategies/{strategy}.yaml", "--data.init_args.batch_size", "2", k1)
+    _fit("--config", str(run_config(tmp_path, "one", 4, dropout=0.0)), *no_sigreg, k1)
     sharded = tmp_path / "runs/fsdp2/version_0/checkpoints/last.ckpt"
     assert sharded.is_dir() and (sharded / "meta.pt").is_file()
     assert not list(sharded.parent.glob("*.tmp")) and not list(sharded.parent.glob("*.old"))
@@ -122,8 +128,15 @@ def test_fsdp2_trains_like_ddp_and_exports_one_consolidated_file(tmp_path):
     assert sorted(ddp) == sorted(fsdp2) and len(ddp) > 10
     for key in ddp:
         torch.testing.assert_close(fsdp2[key], ddp[key], rtol=1e-5, atol=1e-6)
-    losses = {s: train_losses(tmp_path / f"runs/{s}/version_0/metrics.csv") for s in ("ddp", "fsdp2")}
+    losses = {s: train_losses(tmp_path / f"runs/{s}/version_0/metrics.csv") for s in ("ddp", "fsdp2", "one")}
     assert list(losses["fsdp2"].values()) == pytest.approx(list(losses["ddp"].values()), rel=1e-5)
+    assert list(losses["ddp"].values()) == pytest.approx(list(losses["one"].values()), rel=1e-5)
+    paths = {s: [json.loads(line)["path"] for line in open(tmp_path / f"runs/{s}/version_0/k1_attribution.jsonl")] for s in ("ddp", "fsdp2", "one")}
+    assert len(paths["one"]) == 4
+    for strategy in ("ddp", "fsdp2"):
+        for got, want in zip(paths[strategy], paths["one"], strict=True):
+            assert [n["node"] for n in got] == [n["node"] for n in want]
+            assert [n["share"] for n in got] == pytest.approx([n["share"] for n in want], rel=1e-4)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
