@@ -10,7 +10,7 @@
    the whole model and for the attention op alone.
 Training steps are bf16 autocast + fused AdamW over the model and CE loss on tiny-Shakespeare windows with
 their structure (the objective's SIGReg term and Lightning are left out: they are the same for both arms and
-measured in bench/throughput.py).
+measured in bench/compare.py).
 """
 
 import argparse
