@@ -1,7 +1,6 @@
 """K1Attribution: hierarchical credit assignment of the gradient over the model's module tree, logged and
 optionally used to scale the gradients before the optimizer step."""
 
-import json
 import math
 from collections.abc import Callable
 from functools import partial
@@ -14,6 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from soma_lightning.callbacks.monitors import append_jsonl, log_scalars
 from soma_lightning.nn.model import Encoder
 
 # Wrapper modules (FSDP1, activation checkpointing, torch.compile) stand for the module they wrap.
@@ -157,13 +157,11 @@ class K1Attribution(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.last_path is not None
-        for d, (_, share) in enumerate(self.last_path[1:], start=1):
-            pl_module.log(f"k1/share_depth_{d}", share)
-        pl_module.log("k1/culprit_grad_norm", self.culprit_grad_norm)
         log_dir = trainer.log_dir  # a broadcast: every rank must ask
-        if trainer.is_global_zero and log_dir is not None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {f"k1/share_depth_{d}": share for d, (_, share) in enumerate(self.last_path[1:], start=1)}
+        log_scalars(trainer, metrics | {"k1/culprit_grad_norm": self.culprit_grad_norm}, trainer.global_step)
+        if log_dir is not None:
             record = {"step": trainer.global_step, "path": [{"node": name, "share": share} for name, share in self.last_path]}
-            path = Path(log_dir) / "k1_attribution.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(Path(log_dir) / "k1_attribution.jsonl", record)

@@ -29,13 +29,13 @@ def _check_every(every_n_steps: int) -> int:
     return every_n_steps
 
 
-def _log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
     """Straight to every logger at `step`: `self.log` would only reach them on Lightning's own logging steps."""
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -83,11 +83,11 @@ class ExpertLoadMonitor(_EveryNSteps):
         counts, dropped = counts.tolist(), dropped.tolist()
         names = [name for name, _ in self.layers]
         max_load = [max(row) / (sum(row) / len(row)) for row in counts]
-        _log_scalars(trainer, {f"moe/max_load_{i}": v for i, v in enumerate(max_load)} | {f"moe/dropped_fraction_{i}": v for i, v in enumerate(dropped)}, self.step)
+        log_scalars(trainer, {f"moe/max_load_{i}": v for i, v in enumerate(max_load)} | {f"moe/dropped_fraction_{i}": v for i, v in enumerate(dropped)}, self.step)
         log_dir = trainer.log_dir  # a broadcast: every rank must ask
         if not trainer.is_global_zero:
             return
-        _append_jsonl(Path(log_dir) / EXPERT_LOAD_FILE, {"step": self.step, "layers": names, "tokens_per_expert": counts, "dropped_fraction": dropped})
+        append_jsonl(Path(log_dir) / EXPERT_LOAD_FILE, {"step": self.step, "layers": names, "tokens_per_expert": counts, "dropped_fraction": dropped})
         figure = expert_load_figure(names, counts, dropped, self.step)
         writer = _tensorboard(trainer)
         if writer is not None:
@@ -143,11 +143,11 @@ class GraphMonitor(_EveryNSteps):
         self._stats = None
         per_token = {kind: n / stats["tokens"] for kind, n in zip(EDGE_TYPES, stats["by_type"])}
         in_degree_max = max(d for d, n in enumerate(stats["in_degree"]) if n)
-        _log_scalars(trainer, {f"graph/edges_per_token_{k}": v for k, v in per_token.items()} | {"graph/in_degree_max": in_degree_max}, self.step)
+        log_scalars(trainer, {f"graph/edges_per_token_{k}": v for k, v in per_token.items()} | {"graph/in_degree_max": in_degree_max}, self.step)
         log_dir = trainer.log_dir  # a broadcast: every rank must ask
         if not trainer.is_global_zero:
             return
-        _append_jsonl(Path(log_dir) / GRAPH_STATS_FILE, {
+        append_jsonl(Path(log_dir) / GRAPH_STATS_FILE, {
             "step": self.step, "edges_per_token": per_token, "out_degree_hist": stats["out_degree"], "in_degree_hist": stats["in_degree"],
         })
         writer = _tensorboard(trainer)
@@ -204,4 +204,4 @@ class BlockNormMonitor(_EveryNSteps):
             activations = trainer.strategy.reduce(torch.stack([self._activations[i] for i in range(len(layers))]), reduce_op="mean")
             metrics |= {f"blocks/activation_norm_{i}": v for i, v in enumerate(activations.tolist())}
         self._activations = {}
-        _log_scalars(trainer, metrics, self.step)
+        log_scalars(trainer, metrics, self.step)

@@ -110,11 +110,10 @@ def test_analyze_changes_nothing_and_logs_every_n_steps(tmp_path):
     lines = [json.loads(line) for line in open(f"{trainer.log_dir}/k1_attribution.jsonl")]
     assert [line["step"] for line in lines] == [0, 2]
     assert [(n["node"], n["share"]) for n in lines[-1]["path"]] == k1.last_path
-    rows = list(csv.DictReader(open(f"{trainer.log_dir}/metrics.csv")))
-    # Lightning repeats an on_step metric at the following steps until it is logged again: compare the due steps.
-    logged = {int(r["step"]): float(r["k1/share_depth_1"]) for r in rows if r.get("k1/share_depth_1")}
-    assert all(logged[line["step"]] == pytest.approx(line["path"][1]["share"]) for line in lines)
-    assert all(r.get("k1/culprit_grad_norm") for r in rows if int(r["step"]) in (0, 2))
+    rows = [r for r in csv.DictReader(open(f"{trainer.log_dir}/metrics.csv")) if r.get("k1/share_depth_1")]
+    assert [int(r["step"]) for r in rows] == [0, 2]  # written straight to the loggers, on the due steps only
+    assert all(float(r["k1/share_depth_1"]) == pytest.approx(line["path"][1]["share"]) for r, line in zip(rows, lines))
+    assert all(float(r["k1/culprit_grad_norm"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("args, name", [
