@@ -22,6 +22,13 @@ class DataError(UserError):
     pass
 
 
+def require_positive(**values: int) -> None:
+    """A DataError naming the first `data.KEY` that is not positive."""
+    for key, value in values.items():
+        if value <= 0:
+            raise DataError(f"data.{key}: must be positive, got {value}")
+
+
 def source_files(source: str, key: str) -> list[Path]:
     path = Path(source)
     if path.is_file():
@@ -168,9 +175,7 @@ class ByteCorpus(L.LightningDataModule):
         structure: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_seq_len", val_seq_len), ("val_batch_size", val_batch_size)):
-            if value <= 0:
-                raise DataError(f"data.{key}: must be positive, got {value}")
+        require_positive(seq_len=seq_len, batch_size=batch_size, val_seq_len=val_seq_len, val_batch_size=val_batch_size)
         if val_source is None and not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction: must be in (0, 1) when no val_source is given, got {val_fraction}")
         for key, value in (("source", source), ("val_source", val_source), ("test_source", test_source)):

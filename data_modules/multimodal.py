@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from soma_lightning.checkpoint_io import atomic_write
-from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows, hf_column, source_files
+from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows, hf_column, require_positive, source_files
 from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules.modalities import (
     AudioConfig, AudioTokenizer, BadInput, ImageConfig, ImageTokenizer, TokenSpace, framed, read_wav, text_ids,
@@ -353,9 +353,7 @@ class MultimodalCorpus(L.LightningDataModule):
         structure: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_batches", val_batches), ("val_batch_size", val_batch_size)):
-            if value <= 0:
-                raise DataError(f"data.{key}: must be positive, got {value}")
+        require_positive(seq_len=seq_len, batch_size=batch_size, val_batches=val_batches, val_batch_size=val_batch_size)
         if not sources:
             raise DataError("data.sources: expected at least one source")
         names = [s.name for s in sources]
