@@ -34,7 +34,7 @@ def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         for j in range(moe.top_k):
             e = chosen[n, j]
             out[n] += gates[n, j] * mlp(flat[n], moe.w_in[e], moe.w_out[e])
-        for s in range(moe.shared_in.shape[0]):
+        for s in range(0 if moe.shared_in is None else moe.shared_in.shape[0]):
             out[n] += mlp(flat[n], moe.shared_in[s], moe.shared_out[s])
     return out.view_as(x)
 

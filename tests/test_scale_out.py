@@ -77,6 +77,33 @@ def test_every_strategy_overlay_resolves_with_every_spec(overlay, capsys):
         assert "strategy:" in capsys.readouterr().out
 
 
+TINY_SPECS = ["specs/quickstart.yaml", "specs/gpt5_moe_tiny.yaml", "specs/hybrid_tiny.yaml", "specs/sosm_tiny.yaml"]
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_every_parameter_gets_a_gradient_in_a_training_step(spec):
+    """DDP refuses parameters without a gradient, and FSDP2's gradient reduction assumes there are none."""
+    import yaml
+    from soma_lightning.data_modules import ByteCorpus
+
+    cfg = yaml.safe_load(open(spec))
+    module = SomaLM(spec_from_dict(cfg["model"]["arch"]))
+    annotations = {k: v for k, v in cfg["data"]["init_args"].items() if k in ("doc_ids", "structure")}
+    data = ByteCorpus(seq_len=64, batch_size=2, **annotations)
+    data.setup()
+    module.training_step(next(iter(data.train_dataloader())), 0).backward()
+    assert [name for name, p in module.named_parameters() if p.grad is None] == []
+
+
+def test_moe_spec_trains_under_ddp(tmp_path):
+    _fit(
+        "--config", "specs/gpt5_moe_tiny.yaml", "--config", "specs/strategies/ddp.yaml", "--trainer.devices", "2", "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "2", "--data.init_args.seq_len", "64",
+        "--trainer.logger=" + json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "moe"}}),
+    )
+    assert len(train_losses(tmp_path / "moe/version_0/metrics.csv")) == 2
+
+
 def test_unknown_strategy_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", "specs/quickstart.yaml", "--trainer.strategy", "fsdp3"])

@@ -82,12 +82,16 @@ class MoE(nn.Module):
         width_in = 2 * hidden_dim if self.swiglu else hidden_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, d_model))
-        self.shared_in = nn.Parameter(torch.empty(num_shared_experts, d_model, width_in))
-        self.shared_out = nn.Parameter(torch.empty(num_shared_experts, hidden_dim, d_model))
+        # None without shared experts: an empty parameter would get no gradient, which DDP refuses and which
+        # desynchronises FSDP2's gradient reduce-scatter.
+        self.shared_in = nn.Parameter(torch.empty(num_shared_experts, d_model, width_in)) if num_shared_experts else None
+        self.shared_out = nn.Parameter(torch.empty(num_shared_experts, hidden_dim, d_model)) if num_shared_experts else None
         for w in (self.w_in, self.shared_in):
-            nn.init.uniform_(w, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
+            if w is not None:
+                nn.init.uniform_(w, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
         for w in (self.w_out, self.shared_out):
-            nn.init.uniform_(w, -1 / math.sqrt(hidden_dim), 1 / math.sqrt(hidden_dim))
+            if w is not None:
+                nn.init.uniform_(w, -1 / math.sqrt(hidden_dim), 1 / math.sqrt(hidden_dim))
         self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
         self.aux_loss: Tensor | None = None
         self.stats: dict[str, Tensor] = {}
@@ -126,7 +130,7 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         y = self._experts(flat[token].to(dtype), kept_counts)
         out = torch.zeros_like(flat).index_add_(0, token, (y * weight.reshape(-1)[kept].unsqueeze(-1)).to(flat.dtype))
-        for w_in, w_out in zip(self.shared_in, self.shared_out):
+        for w_in, w_out in zip(self.shared_in, self.shared_out) if self.shared_in is not None else ():
             out = out + (_activate(flat.to(dtype) @ w_in.to(dtype), self.swiglu) @ w_out.to(dtype)).to(flat.dtype)
 
         load = assigned.float() / expert_flat.numel()
@@ -152,5 +156,5 @@ class MoE(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         per_expert = 2 * (self.w_in[0].numel() + self.w_out[0].numel())
-        shared = 2 * (self.shared_in.numel() + self.shared_out.numel())
+        shared = 0 if self.shared_in is None else 2 * (self.shared_in.numel() + self.shared_out.numel())
         return 2 * self.router.weight.numel() + self.top_k * per_expert + shared
