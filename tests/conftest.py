@@ -1,6 +1,7 @@
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -88,3 +89,14 @@ def run_config(tmp_path: Path, name: str, max_steps: int, dropout: float = 0.1, 
 def train_losses(metrics_csv: Path, key: str = "train/loss") -> dict[int, float]:
     rows = csv.DictReader(open(metrics_csv))
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+class StopAtStep(L.Callback):
+    """Stops a run after `step` optimizer steps, as an interruption would, with the schedule of the full run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -21,7 +20,7 @@ from soma_lightning.errors import UserError
 from soma_lightning.lm import RangeCE, SomaLM
 from soma_lightning.spec import ModelSpec, SpecError
 from soma_lightning.token_space import modality_of
-from conftest import tiny_v1_arch
+from conftest import tiny_v1_arch, train_losses
 
 TINY = "specs/gpt5_moe_multimodal_tiny.yaml"
 
@@ -196,23 +195,13 @@ def test_per_modality_validation_losses_fall(tmp_path):
     assert before["val/ce_image"] > 5.0  # near log(1048) = 6.95 untrained
 
 
-class StopAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
-
-
 def test_resume_draws_the_same_batches_and_losses(tmp_path):
     straight = _config(tmp_path, "straight", 6, val_every=3)
     prepare_from_spec(str(straight))
     cli_main(["fit", "--config", str(straight)])
     split = _config(tmp_path, "split", 6, val_every=3)  # last.ckpt is written at the step-3 validation
-    stop = {"class_path": "test_multimodal.StopAtStep", "init_args": {"step": 3}}
+    stop = {"class_path": "conftest.StopAtStep", "init_args": {"step": 3}}
     cli_main(["fit", "--config", str(split), f"--trainer.callbacks=[{json.dumps(stop)}]"])
     cli_main(["fit", "--config", str(split), "--ckpt_path", "last"])
-    losses = lambda p: {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(open(p)) if r.get("train/loss")}  # noqa: E731
-    a, b = losses(tmp_path / "runs/straight/version_0/metrics.csv"), losses(tmp_path / "runs/split/version_1/metrics.csv")
+    a, b = train_losses(tmp_path / "runs/straight/version_0/metrics.csv"), train_losses(tmp_path / "runs/split/version_1/metrics.csv")
     assert sorted(b) == [3, 4, 5] and [b[s] for s in (3, 4, 5)] == [a[s] for s in (3, 4, 5)]

@@ -121,7 +121,7 @@ def test_resume_on_two_processes_keeps_the_global_data_order_and_the_losses(tmp_
     config = str(run_config(tmp_path, "one", 6, dropout=0.0))
     _fit("--config", config, *common, _callbacks(("test_scale_out.RecordBatches", {"path": str(record / "one")})))
     split = str(run_config(tmp_path, "split", 6, dropout=0.0))
-    _fit("--config", split, *common, _callbacks(("test_training.StopAtStep", {"step": 3})))
+    _fit("--config", split, *common, _callbacks(("conftest.StopAtStep", {"step": 3})))
     _fit(
         "--config", split, *common, "--ckpt_path", "last", "--trainer.devices", "2", "--config", "specs/strategies/ddp.yaml",
         "--data.init_args.batch_size", "2", _callbacks(("test_scale_out.RecordBatches", {"path": str(record / "two")})),

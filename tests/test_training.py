@@ -5,7 +5,6 @@ import csv
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -25,20 +24,9 @@ def test_training_lowers_loss_and_writes_last_and_best(tmp_path):
     assert (version / "config.yaml").exists()
 
 
-class StopAtStep(L.Callback):
-    """Stops a run after `step` optimizer steps, as an interruption would, with the schedule of the full run."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
-
-
 def test_resume_continues_step_and_loss_exactly(tmp_path):
     cli_main(["fit", "--config", str(run_config(tmp_path, "straight", 8))])
-    interrupted = {"class_path": "test_training.StopAtStep", "init_args": {"step": 4}}
+    interrupted = {"class_path": "conftest.StopAtStep", "init_args": {"step": 4}}
     cli_main(["fit", "--config", str(run_config(tmp_path, "split", 8)), f"--trainer.callbacks=[{json.dumps(interrupted)}]"])
     cli_main(["fit", "--config", str(run_config(tmp_path, "split", 8)), "--ckpt_path", "last"])
     straight = train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
