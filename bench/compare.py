@@ -30,6 +30,9 @@ from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 
 
+Run = tuple[list[float], torch.profiler.profile | None]  # step end times; the profiler of the profiled steps
+
+
 class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -39,32 +42,68 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def lightning_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
+def lightning_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False) -> Run:
+    """The Trainer path (not profiled: the plain loop runs the same module)."""
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
     trainer.fit(SomaLM(spec, compile=compile), datamodule=data)
-    return timer.times
+    return timer.times, None
 
 
-def _loop(model: torch.nn.Module, loss_of, data: ByteCorpus, steps: int) -> list[float]:
-    """A bare training loop: bf16 autocast forward, float32 loss, backward, fused AdamW."""
+PROFILED_STEPS = 3
+KERNEL_KINDS = {  # first match wins, on the lower-cased kernel name
+    "attention": ("flash", "fmha", "attention"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_"),
+    "optimizer": ("adam", "multi_tensor"),
+    "compiled (triton)": ("triton",),
+}
+
+
+def kernel_profile(name: str, profiler: torch.profiler.profile) -> dict:
+    """CUDA kernel time per step by kind, and the top kernels; printed and returned."""
+    kernels = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = next((k for k, keys in KERNEL_KINDS.items() if any(key in e.key.lower() for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / PROFILED_STEPS
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    print(f"\n{name}: CUDA ms per step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for e in top:
+        print(f"  {e.self_device_time_total / 1e3 / PROFILED_STEPS:8.2f} ms  x{e.count // PROFILED_STEPS:4d}  {e.key[:110]}")
+    return {"ms_per_step_by_kind": by_kind, "top": [{"kernel": e.key, "ms_per_step": e.self_device_time_total / 1e3 / PROFILED_STEPS,
+                                                  "calls_per_step": e.count / PROFILED_STEPS} for e in top]}
+
+
+def _loop(model: torch.nn.Module, loss_of, data: ByteCorpus, steps: int, profile: bool = False) -> Run:
+    """A bare training loop: bf16 autocast forward, float32 loss, backward, fused AdamW. With `profile`,
+    PROFILED_STEPS more steps run under torch.profiler after the timed ones."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     times = []
-    for step, batch in zip(range(steps), data.train_dataloader()):
+
+    def step(i: int, batch: dict) -> None:
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        loss = loss_of(model, batch, step)
+        loss = loss_of(model, batch, i)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+
+    batches = iter(data.train_dataloader())
+    for i in range(steps):
+        step(i, next(batches))
         times.append(time.perf_counter())
-    return times
+    if not profile:
+        return times, None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for i in range(steps, steps + PROFILED_STEPS):
+            step(i, next(batches))
+    return times, profiler
 
 
-def plain_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
+def plain_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False) -> Run:
     """The same model and objective (CE + SIGReg) as SomaLM, compiled the same way."""
     model = build_model(spec, device="cuda")
     if compile:
@@ -80,7 +119,7 @@ def plain_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
         noise = torch.randn(spec.d_model, sigreg.slices, generator=torch.Generator().manual_seed(step)).cuda()
         return ce + sigreg.coefficient * sigreg_statistic(reps, noise, sigreg.t_max, sigreg.points)
 
-    return _loop(model, loss_of, data, steps)
+    return _loop(model, loss_of, data, steps, profile)
 
 
 def litgpt_config(spec):
@@ -98,7 +137,7 @@ def litgpt_config(spec):
     )
 
 
-def litgpt_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]:
+def litgpt_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False) -> Run:
     """litgpt's GPT (cross-entropy only, as its pretraining), compiled whole when `compile`."""
     from litgpt.model import GPT
 
@@ -114,7 +153,7 @@ def litgpt_run(spec, data: ByteCorpus, steps: int, compile: bool) -> list[float]
             logits = forward(batch["tokens"])
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
 
-    return _loop(model, loss_of, data, steps)
+    return _loop(model, loss_of, data, steps, profile)
 
 
 RUNS = {"trainer": ("soma-lightning Trainer", lightning_run), "plain": ("plain PyTorch loop", plain_run), "litgpt": ("litgpt GPT", litgpt_run)}
@@ -141,6 +180,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="after timing, profile 3 steps of the plain and litgpt runs: CUDA time by kernel kind")
     p.add_argument("--out", default="compare.json")
     args = p.parse_args()
 
@@ -160,7 +200,10 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            rows.append(summarize(name, run(spec, data, args.steps, args.compile), tokens_per_step, flops, peak, args.warmup))
+            times, profiler = run(spec, data, args.steps, args.compile, args.profile)
+            rows.append(summarize(name, times, tokens_per_step, flops, peak, args.warmup))
+            if profiler is not None:
+                rows[-1]["profile"] = kernel_profile(name, profiler)
         except ImportError as e:
             print(f"{name}: skipped ({e})")
     result = {

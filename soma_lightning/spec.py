@@ -24,7 +24,7 @@ from soma_lightning.nn.ffn import GeluMLP
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.graph_attention import GraphAttention
-from soma_lightning.nn.model import Block, SomaModel, Sublayer
+from soma_lightning.nn.model import Block, SomaModel, Sublayer, normal_init
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.mtp import MTPHeads, SequentialMTP
 from soma_lightning.nn.norm import layernorm, rmsnorm
@@ -66,7 +66,10 @@ class ModelSpec:
     `mtp`: DeepSeek-V3-style sequential MTP modules after the last layer, `{horizons: H, block: <a block
     name>, loss_weight: w}`: depth k (1..H) runs its own copy of that block and predicts token t+1+k.
     `token_embedding`: replaces the plain token table (null) with a component that also receives the
-    sequence context, e.g. SOSM's `semantic_state`, which builds the semantic graph there."""
+    sequence context, e.g. SOSM's `semantic_state`, which builds the semantic graph there.
+    `init_std`: null keeps each module's PyTorch default initialisation (as soma-models does); a number
+    draws every Linear and Embedding weight from N(0, init_std) and zeroes their biases (GPT-2's scheme
+    without its residual scaling), after the components' own initialisation."""
 
     d_model: int
     n_layers: int
@@ -81,6 +84,7 @@ class ModelSpec:
     vocab_ranges: dict[str, list[int]] | None = None
     mtp: dict[str, Any] | None = None
     token_embedding: str | dict[str, Any] | None = None
+    init_std: float | None = None
 
 
 # ---------------------------------------------------------------- type checks with readable errors
@@ -220,6 +224,8 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
     for key in ("d_model", "n_layers", "vocab_size", "max_seq_len"):
         if getattr(spec, key) <= 0:
             raise SpecError(f"{path}.{key}: must be positive, got {getattr(spec, key)}")
+    if spec.init_std is not None and spec.init_std <= 0:
+        raise SpecError(f"{path}.init_std: must be positive or null, got {spec.init_std}")
     if not 0.0 <= spec.dropout < 1.0:
         raise SpecError(f"{path}.dropout: must be in [0, 1), got {spec.dropout}")
     if spec.vocab_ranges is not None:
@@ -344,10 +350,13 @@ def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
         mtp = SequentialMTP(spec.d_model, [block(b) for b in plan.mtp_blocks], plan.final_norm.build, plan.mtp_loss_weight)
     embeddings = [e.build() for e in plan.input_embeddings]
     token_embedding = plan.token_embedding.build() if plan.token_embedding else None
-    return SomaModel(
+    model = SomaModel(
         spec.vocab_size, spec.d_model, [block(layer) for layer in plan.layers], plan.final_norm.build(), spec.predictor_bias, embeddings, mtp,
         token_embedding,
     )
+    if spec.init_std is not None:
+        normal_init(model, spec.init_std)
+    return model
 
 
 def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None, path: str = "model.arch") -> SomaModel:

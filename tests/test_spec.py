@@ -29,6 +29,23 @@ def test_quickstart_spec_builds():
     assert count_parameters(model)[0] > 0
 
 
+def test_init_std_draws_linear_and_embedding_weights_from_a_normal():
+    import torch
+
+    default = build_model(tiny_v1_arch())
+    torch.manual_seed(0)
+    normal = build_model(tiny_v1_arch() | {"init_std": 0.02})
+    assert default.embedding.weight.std() > 0.5  # nn.Embedding's default is N(0, 1)
+    for name, p in normal.named_parameters():
+        if "norm" in name:  # norms keep their own init
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+        elif name.endswith(".bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif p.ndim == 2:
+            assert abs(p.std().item() - 0.02) < 0.004 and abs(p.mean().item()) < 0.004, name
+    assert "model.arch.init_std: must be positive" in _error(tiny_v1_arch() | {"init_std": 0.0})
+
+
 def _error(arch: dict) -> str:
     with pytest.raises(SpecError) as e:
         build_model(arch)

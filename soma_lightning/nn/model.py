@@ -69,6 +69,16 @@ class Encoder(nn.Module):
         return x
 
 
+@torch.no_grad()
+def normal_init(model: nn.Module, std: float) -> None:
+    """Every Linear and Embedding weight ~ N(0, std), their biases zero; other parameters unchanged."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
 class SomaModel(nn.Module):
     """`input_embeddings` are modules mapping token ids [B, T] to [B, T, D], added to the token embedding;
     `mtp`: DeepSeek-V3-style multi-token-prediction modules after the last layer (training only);
