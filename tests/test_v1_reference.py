@@ -14,7 +14,7 @@ from soma_models.v1.torch.modules.sig_reg import SIGReg as RefSIGReg
 from soma_lightning import build_model
 from soma_lightning.data_modules.contract import PAD
 from soma_lightning.nn.attention import causal_attention_reference
-from soma_lightning.nn.rope import apply_rope, rope_angles
+from soma_lightning.nn.rope import apply_rope, rope_angles, rope_tables
 from soma_lightning.nn.sigreg import sigreg_statistic
 from conftest import tiny_v1_arch
 
@@ -30,7 +30,7 @@ def test_rope_equals_contract_formula_and_reference():
     hd, b, t, h = 8, 2, 7, 3
     x = torch.randn(b, t, h, hd)
     positions = torch.randint(0, 5000, (b, t))
-    ours = apply_rope(x, rope_angles(positions, hd, 10000.0, 1.0))
+    ours = apply_rope(x, *rope_tables(positions, hd, 10000.0, 1.0))
     torch.testing.assert_close(ours, ref_apply_rope(x, positions, hd), rtol=1e-5, atol=1e-5)
     # contract section 2, written out element by element in float64
     expected = torch.empty_like(x, dtype=torch.float64)

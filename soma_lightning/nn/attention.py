@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import KVCache, cached_attention, causal_offset_mask
-from soma_lightning.nn.rope import apply_rope, rope_angles
+from soma_lightning.nn.rope import apply_rope
 
 
 def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -64,9 +64,9 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         b, t, d = x.shape
-        angles = rope_angles(ctx.positions, self.head_dim, self.rope_base, self.rope_scale)
-        q = apply_rope(self.query(x).view(b, t, self.num_heads, self.head_dim), angles).transpose(1, 2)
-        k = apply_rope(self.key(x).view(b, t, self.num_heads, self.head_dim), angles).transpose(1, 2)
+        cos, sin = ctx.rope(self.head_dim, self.rope_base, self.rope_scale)
+        q = apply_rope(self.query(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.key(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         if ctx.decode is not None:
             k, v = ctx.decode.cache(self, lambda: KVCache(ctx.decode.capacity)).extend(k, v)

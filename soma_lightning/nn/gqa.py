@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import KVCache, cached_attention, causal_offset_mask
-from soma_lightning.nn.rope import apply_rope, rope_angles
+from soma_lightning.nn.rope import apply_rope
 
 
 def visible(q: Tensor, k: Tensor, window: int | None, global_stride: int | None) -> Tensor:
@@ -197,8 +197,8 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
-        q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
+        cos, sin = ctx.rope(self.head_dim, self.rope_base)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         y = self._attend(q, k, v, ctx) if ctx.decode is None else self._attend_cached(q, k, v, ctx)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 

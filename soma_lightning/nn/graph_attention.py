@@ -19,7 +19,7 @@ from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import KVCache
 from soma_lightning.nn.gqa import flex
-from soma_lightning.nn.rope import apply_rope, rope_angles
+from soma_lightning.nn.rope import apply_rope
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
 
 
@@ -136,8 +136,8 @@ class GraphAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        angles = rope_angles(ctx.positions, self.head_dim, self.rope_base)
-        q, k = apply_rope(q, angles).transpose(1, 2), apply_rope(k, angles).transpose(1, 2)
+        cos, sin = ctx.rope(self.head_dim, self.rope_base)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         self.last_edges_per_token = (graph.neighbors >= 0).sum().detach() / (b * t)
         if ctx.decode is not None:  # the new positions' edges, into the cached keys
             k, v = ctx.decode.cache(self, lambda: KVCache(ctx.decode.capacity)).extend(k, v)

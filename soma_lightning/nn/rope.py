@@ -11,9 +11,14 @@ def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0, scale_f
     return positions.to(torch.float32).unsqueeze(-1) / timescale / scale_factor
 
 
-def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate x [B, T, H, head_dim] by angles [B, T, head_dim/2]; computed in float32, returned in x's dtype."""
-    cos = angles.cos().unsqueeze(-2)
-    sin = angles.sin().unsqueeze(-2)
+def rope_tables(positions: Tensor, head_dim: int, base: float = 10000.0, scale_factor: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles, [B, T, 1, head_dim/2] float32 (broadcast over heads)."""
+    angles = rope_angles(positions, head_dim, base, scale_factor).unsqueeze(-2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, T, H, head_dim] by the angles whose `rope_tables` are cos, sin; computed in float32,
+    returned in x's dtype."""
     a, b = x.float().chunk(2, dim=-1)
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
