@@ -13,8 +13,8 @@ Three decoding paths: full recompute (`use_cache=False`, the reference); the cac
 that grow (every architecture); and on CUDA, when every layer supports static decoding (`static_blocker`:
 `mha`, `gqa` without a structural bias, `gelu_mlp`, in-block MTP heads, LayerNorm / RMSNorm, the plain
 token embedding), the cached path over static caches (nn/decode.py) whose one-token step is captured once
-as a CUDA graph and replayed for every token, gpt-fast style: an eager step is about a thousand small kernel
-launches and host-bound. The prompt's prefill stays eager (its length varies) and fills the static caches.
+as a CUDA graph and replayed for every token, gpt-fast style: an eager step is many small kernel launches
+per layer and host-bound at small batch. The prompt's prefill stays eager (its length varies) and fills the static caches.
 Gated DeltaNet, SOSM's semantic state and graph attention, a structural bias, hashed n-gram embeddings and
 MoE (routing with data-dependent shapes) decode on the eager cached path.
 """
