@@ -1,5 +1,6 @@
 """`soma-lightning`: LightningCLI's fit/validate/test/predict, plus `inspect`, `export`, `score`, `graph` and `generate`."""
 
+import argparse
 import json
 import sys
 from dataclasses import asdict
@@ -420,6 +421,10 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--trace", default=None, help="write one JSON line per emitted token: probability, constraint decisions, provenance")
     parser.add_argument("--speculative", action="store_true", help="draft with the model's MTP heads, verify with the main head (greedy)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token (the reference)")
+    parser.add_argument(
+        "--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+        help="replay the cached one-token step as a CUDA graph; default: on CUDA for models that support it (mha/gqa, no MoE)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     cfg = parser.parse_args(args)
     _, module = _load_run(cfg.ckpt, cfg.which)
@@ -439,7 +444,7 @@ def generate_main(args: list[str]) -> None:
         processors.append(RepetitionPenalty(cfg.repetition_penalty))
     result = generate(
         module.model.to(cfg.device), cfg.prompt.encode(), cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
-        processors, use_cache=not cfg.no_cache, trace=cfg.trace is not None, speculative=cfg.speculative,
+        processors, use_cache=not cfg.no_cache, trace=cfg.trace is not None, speculative=cfg.speculative, cuda_graph=cfg.cuda_graph,
     )
     if cfg.trace is not None:
         write_trace(cfg.trace, result.trace)

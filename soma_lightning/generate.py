@@ -8,9 +8,20 @@ MoE layers decode dropless: capacity-factor dropping depends on how many tokens 
 (the capacity grows with the sequence), so a position's output would change as the sequence grows and a
 cache could never reproduce it. Both the cached and the full-recompute path therefore run with
 `capacity_factor` switched off (`dropless`), which is the usual inference rule.
+
+Three decoding paths: full recompute (`use_cache=False`, the reference); the cached path, eager, with caches
+that grow (every architecture); and on CUDA, when every layer supports static decoding (`static_blocker`:
+`mha`, `gqa` without a structural bias, `gelu_mlp`, in-block MTP heads, LayerNorm / RMSNorm, the plain
+token embedding), the cached path over static caches (nn/decode.py) whose one-token step is captured once
+as a CUDA graph and replayed for every token, gpt-fast style: an eager step is many small kernel launches
+per layer and host-bound at small batch. The prompt's prefill stays eager (its length varies) and fills the static caches.
+Gated DeltaNet, SOSM's semantic state and graph attention, a structural bias, hashed n-gram embeddings and
+MoE (routing with data-dependent shapes) decode on the eager cached path.
 """
 
+import itertools
 import json
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +37,7 @@ from soma_lightning.data_modules.structure import StructureScanner, batch_struct
 from soma_lightning.errors import UserError
 from soma_lightning.nn.attention import MultiHeadAttention
 from soma_lightning.nn.decode import DecodeState
+from soma_lightning.nn.ffn import GeluMLP
 from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.graph_attention import GraphAttention
 from soma_lightning.nn.model import SomaModel
@@ -34,6 +46,8 @@ from soma_lightning.nn.mtp import MTPHeads
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
 
 TOP_POSITIONS = 5  # prompt positions listed per emitted token in a trace
+STATIC_CAPACITY_STEP = 256  # static caches are sized in multiples of this, so that similar lengths share one graph
+GRAPH_WARMUP = 3  # eager steps on a side stream before capture (lazy initialisation must not be captured)
 
 
 @contextmanager
@@ -102,22 +116,109 @@ class _Structure:
         return torch.tensor(rows, dtype=torch.long, device=tokens.device)
 
 
-class _Decoder:
-    """Next-token logits of a growing sequence: incrementally through a DecodeState, or by recomputing the
-    whole sequence with the plain forward pass (the reference)."""
+STATIC_MODULES = (nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.Dropout, GeluMLP, MTPHeads, MultiHeadAttention)
 
-    def __init__(self, model: SomaModel, batch: int, capacity: int, use_cache: bool, record_attention: bool) -> None:
-        self.model, self.use_cache = model, use_cache
-        self.state = DecodeState(capacity, record_attention=record_attention) if use_cache else None
+
+def static_blocker(model: SomaModel) -> str | None:
+    """None when every module that decoding runs supports static decoding (and so the CUDA graph): those of
+    STATIC_MODULES and `gqa` without a structural bias; otherwise the first that does not, as `name (Type)`."""
+    if len(model.input_embeddings):
+        return f"input_embeddings.0 ({type(model.input_embeddings[0]).__name__})"
+    modules = [("embedding", model.embedding), ("final_norm", model.final_norm)]
+    modules += [(f"encoder.layers.{i}.{name}", m) for i, block in enumerate(model.encoder.layers) for name, m in block.named_children()]
+    for name, module in modules:
+        if not (isinstance(module, STATIC_MODULES) or (isinstance(module, GroupedQueryAttention) and module.structure_bias is None)):
+            return f"{name} ({type(module).__name__})"
+    return None
+
+
+class _StaticDecoder:
+    """Static decoding of one model at one batch size: the state with its static caches (allocated by the
+    first pass), the position tensor the state reads, and the one-token step, captured as a CUDA graph at its
+    first use when `graph` and replayed from then on. Kept between `generate` calls (`_static_decoder`), so
+    that a model captures once per batch size and capacity."""
+
+    def __init__(self, key: tuple, batch: int, capacity: int, device: torch.device, graph: bool) -> None:
+        self.key, self.capacity, self.use_graph = key, capacity, graph
+        self.state = DecodeState(capacity, position=torch.zeros((), dtype=torch.long, device=device))
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None  # the step's output, overwritten by every replay
+
+    def _step(self, model: SomaModel) -> Tensor:
+        return model.predict(model.extend(self.tokens, self.state)[0])
+
+    def feed(self, model: SomaModel, new: Tensor, start: int) -> Tensor:
+        """Feed `new` at positions start, start + 1, ...: the prompt [B, n] (start 0), then one token [B, 1]
+        per step; -> logits [B, n, V]."""
+        self.state.position.fill_(start)
+        if start == 0:  # the prompt, eager (its length varies); the first one allocates the caches
+            return model.predict(model.extend(new, self.state)[0])
+        self.tokens.copy_(new)
+        if not self.use_graph:
+            return self._step(model)
+        with torch.cuda.device(self.tokens.device):  # streams and replay belong to the current device
+            if self.graph is None:
+                self._capture(model)
+            self.graph.replay()
+        return self.logits
+
+    def _capture(self, model: SomaModel) -> None:
+        """Warm up on a side stream, then capture the step (the PyTorch recipe). Autocast's cache of cast
+        weights is off meanwhile: the graph would keep reading the cast copies after the cache frees them."""
+        autocast = torch.autocast("cuda", torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with autocast, torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):  # each writes this step's keys and values, as every replay does
+                self._step(model)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with autocast, torch.cuda.graph(self.graph):
+            self.logits = self._step(model)
+
+
+_static_decoders: "weakref.WeakKeyDictionary[SomaModel, _StaticDecoder]" = weakref.WeakKeyDictionary()
+
+
+def _static_decoder(model: SomaModel, batch: int, length: int, device: torch.device, graph: bool) -> _StaticDecoder:
+    """The model's kept static decoder if it fits (the same batch size, parameter tensors and autocast
+    setting, which a captured graph bakes in, and a capacity of at least `length`), else a new one in its
+    place, its capacity `length` rounded up to STATIC_CAPACITY_STEP."""
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    tensors = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    key = (batch, device, graph, autocast, tensors)
+    kept = _static_decoders.get(model)
+    if kept is None or kept.key != key or kept.capacity < length:
+        _static_decoders.pop(model, None)  # free its caches and graph before allocating the new ones
+        capacity = -(-length // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+        _static_decoders[model] = kept = _StaticDecoder(key, batch, capacity, device, graph)
+    return kept
+
+
+class _Decoder:
+    """Next-token logits of a growing sequence, by `decoding`: "recompute" the whole sequence with the plain
+    forward pass (the reference); "cache": incrementally through a DecodeState with growing caches;
+    "static": through static caches, the one-token step eager; "graph": that step replayed as a CUDA graph."""
+
+    def __init__(self, model: SomaModel, batch: int, capacity: int, decoding: str, record_attention: bool = False) -> None:
+        self.model = model
+        self.state = DecodeState(capacity, record_attention=record_attention) if decoding == "cache" else None
+        device = next(model.parameters()).device
+        self.static = _static_decoder(model, batch, capacity, device, decoding == "graph") if decoding in ("static", "graph") else None
         self.structure = _Structure(batch) if reads_structure(model) else None
         self.tokens: Tensor | None = None  # the whole sequence (full recompute only)
+        self.length = 0  # tokens fed so far
         self.passes = 0
 
     def logits(self, new: Tensor, mtp: bool = False) -> tuple[Tensor, list]:
         """Feed `new` [B, n]; -> logits [B, n, V] at the new positions and (cached, `mtp`) the MTP
         predictions there."""
         self.passes += 1
-        if self.use_cache:
+        self.length += new.shape[1]
+        if self.static is not None:
+            return self.static.feed(self.model, new, self.length - new.shape[1]), []
+        if self.state is not None:
             rows = self.structure.rows(new) if self.structure is not None else None
             reps, predictions = self.model.extend(new, self.state, rows, mtp=mtp)
             return self.model.predict(reps), predictions
@@ -207,6 +308,7 @@ def generate(
     use_cache: bool = True,
     trace: bool = False,
     speculative: bool = False,
+    cuda_graph: bool | None = None,
 ) -> Generation:
     """Continue each prompt row by up to `max_new_tokens` tokens. temperature 0 is greedy; otherwise
     softmax sampling at `temperature`, restricted to the `top_k` most likely ids and the smallest set
@@ -215,7 +317,10 @@ def generate(
     "no_allowed_token". `use_cache` False recomputes the whole sequence for every token (the reference).
     `trace`: record each emitted token's probability, the processors' decisions and its provenance (needs
     the cache). `speculative`: draft with the last layer's MTP heads and verify with the main head (greedy,
-    one row, no processors): the same tokens as plain greedy decoding, in fewer forward passes."""
+    one row, no processors): the same tokens as plain greedy decoding, in fewer forward passes.
+    `cuda_graph`: replay the cached one-token step as a CUDA graph (static caches, see the module docstring);
+    None: whenever the model is on CUDA, every layer supports it (`static_blocker`), and neither `trace`,
+    `speculative` nor `use_cache` False asks for the eager path."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
@@ -223,6 +328,16 @@ def generate(
     if trace and not use_cache:
         raise UserError("trace: provenance is recorded by the cached decoder; drop --no-cache")
     device = next(model.parameters()).device
+    blocker = static_blocker(model)
+    if cuda_graph:
+        if device.type != "cuda":
+            raise UserError(f"cuda_graph: needs the model on a CUDA device, it is on {device}")
+        if not use_cache or trace or speculative:
+            raise UserError("cuda_graph: replays the cached one-token step; not with the cache off, a trace or speculative decoding")
+        if blocker is not None:
+            raise UserError(f"cuda_graph: {blocker} has no static decoding (see soma_lightning/generate.py); use the eager cache")
+    elif cuda_graph is None:
+        cuda_graph = device.type == "cuda" and use_cache and not trace and not speculative and blocker is None
     prompt = as_prompt(prompt_tokens, model.predictor.out_features, device)
     was_training = model.training
     model.eval()
@@ -232,19 +347,22 @@ def generate(
                 if temperature != 0 or processors or trace or not use_cache or prompt.shape[0] != 1:
                     raise UserError("speculative: needs greedy decoding (temperature 0), one prompt row, the cache, no processors and no trace")
                 return _speculative(model, prompt, max_new_tokens)
-            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), use_cache, trace)
+            decoding = "graph" if cuda_graph else "cache" if use_cache else "recompute"
+            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), decoding, trace)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, processors, use_cache, trace) -> Generation:
+def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, processors, decoding, trace) -> Generation:
+    """The decoding loop (`decoding`: see _Decoder). Without a trace, one transfer to the host per step."""
     b, prompt_length = prompt.shape
-    decoder = _Decoder(model, b, prompt_length + max_new_tokens, use_cache, record_attention=trace)
+    decoder = _Decoder(model, b, prompt_length + max_new_tokens, decoding, record_attention=trace)
     generator = torch.Generator(prompt.device).manual_seed(seed) if temperature > 0 else None
     emittable = _emittable(model.predictor.out_features, prompt.device)
     layer = _attention_layer(model) if trace else None
     out = Generation(tokens=[[] for _ in range(b)], stop_reasons=["max_new_tokens"] * b)
     finished = [False] * b
+    stopped = torch.zeros(b, dtype=torch.bool, device=prompt.device)  # `finished` on the device
     tokens, new = prompt, prompt
     for step in range(max_new_tokens):
         raw = decoder.logits(new)[0][:, -1].float()
@@ -255,15 +373,16 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, pr
             stages.append((processor.name, before, logits))
         dead = ~logits.isfinite().any(dim=-1)
         chosen, sampled = _sample(logits.masked_fill(dead[:, None], 0.0), temperature, top_k, top_p, generator)
-        model_probs = raw.softmax(dim=-1)
+        chosen_ids, dead_rows = torch.stack([chosen, dead.long()]).tolist()
+        model_probs = raw.softmax(dim=-1) if trace else None
         for row in range(b):
             if finished[row]:
                 continue
-            if dead[row]:
+            if dead_rows[row]:
                 culprit = next(name for name, _, after in stages if not after[row].isfinite().any())
                 out.stop_reasons[row], finished[row] = f"no_allowed_token (after {culprit})", True
                 continue
-            t = int(chosen[row])
+            t = chosen_ids[row]
             out.tokens[row].append(t)
             if trace:
                 record = {"row": row, "step": step, "position": tokens.shape[1], "token": t, "byte": _byte(t),
@@ -275,7 +394,8 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, pr
                 out.stop_reasons[row], finished[row] = "eos", True
         if all(finished):
             break
-        new = torch.where(torch.tensor(finished, device=prompt.device), EOS, chosen)[:, None]
+        stopped |= dead | (chosen == EOS)
+        new = torch.where(stopped, EOS, chosen)[:, None]
         tokens = torch.cat([tokens, new], dim=1)
     out.forward_passes = decoder.passes
     return out
@@ -290,16 +410,23 @@ def _speculative(model: SomaModel, prompt: Tensor, max_new_tokens: int) -> Gener
     if not heads:
         raise UserError("speculative: the model has no in-block MTP heads (mtp_heads) to draft with")
     horizons = len(heads[-1].heads)
-    decoder = _Decoder(model, 1, prompt.shape[1] + max_new_tokens + horizons + 1, use_cache=True, record_attention=False)
+    decoder = _Decoder(model, 1, prompt.shape[1] + max_new_tokens + horizons + 1, "cache")
     if decoder.structure is not None:
         raise UserError("speculative: not supported for models with a structural attention bias (the structure scan cannot roll back)")
+
+    def greedy_choices(logits: Tensor, predictions: list, last_only: bool) -> list[list[int]]:
+        """[1 + H][n]: the main head's greedy ids and each MTP head's drafts at the pass's n positions (only
+        its last for the prompt), in one transfer to the host."""
+        at = slice(-1, None) if last_only else slice(None)
+        drafts = model.predict(torch.stack([p.representations[0, at] for p in predictions[-horizons:]]))
+        return torch.cat([logits[:, at], drafts]).argmax(dim=-1).tolist()
+
     out = Generation(tokens=[[]], stop_reasons=["max_new_tokens"])
-    logits, predictions = decoder.logits(prompt, mtp=True)
-    index = -1  # the position (within the last pass) of the last accepted token
+    choices = greedy_choices(*decoder.logits(prompt, mtp=True), last_only=True)
+    index = 0  # the position (within the last pass's choices) of the last accepted token
     emitted = out.tokens[0]
     while len(emitted) < max_new_tokens:
-        token = int(logits[0, index].argmax())
-        drafts = [int(model.predict(p.representations[0, index]).argmax()) for p in predictions[-horizons:]]
+        token, drafts = choices[0][index], [row[index] for row in choices[1:]]
         emitted.append(token)
         if token == EOS:
             out.stop_reasons[0] = "eos"
@@ -308,8 +435,8 @@ def _speculative(model: SomaModel, prompt: Tensor, max_new_tokens: int) -> Gener
             break
         decoder.state.keep_steps = True
         length = decoder.state.length
-        logits, predictions = decoder.logits(torch.tensor([[token] + drafts], device=prompt.device), mtp=True)
-        greedy = logits[0].argmax(dim=-1).tolist()
+        choices = greedy_choices(*decoder.logits(torch.tensor([[token] + drafts], device=prompt.device), mtp=True), last_only=False)
+        greedy = choices[0]
         accepted = 0
         while accepted < horizons and drafts[accepted] == greedy[accepted] and len(emitted) < max_new_tokens:
             emitted.append(drafts[accepted])

@@ -1,5 +1,6 @@
-"""Generation: cached decoding equals full recompute for every architecture spec, the constraints, traces,
-speculative decoding with MTP heads, and the `generate` command."""
+"""Generation: cached decoding equals full recompute for every architecture spec, static caches (the code the
+CUDA graph replays, run eagerly) equal both, the constraints, traces, speculative decoding with MTP heads, and
+the `generate` command."""
 
 import json
 import random
@@ -12,12 +13,13 @@ import yaml
 
 from soma_lightning import build_model, load_spec
 from soma_lightning.cli import main
-from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, RegexConstraint, RepetitionPenalty
+from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, LogitsProcessor, RegexConstraint, RepetitionPenalty
 from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules.structure import StructureScanner, batch_structure, byte_structure
 from soma_lightning.errors import UserError
-from soma_lightning.generate import dropless, generate
-from soma_lightning.nn.decode import DecodeState
+from soma_lightning import generate as generation
+from soma_lightning.generate import dropless, generate, static_blocker
+from soma_lightning.nn.decode import DecodeState, StaticKVCache
 from soma_lightning.nn.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from soma_lightning.spec import spec_from_dict
 from conftest import train_tiny_spec
@@ -32,7 +34,20 @@ def _sosm_all_options():
     return spec_from_dict(raw)
 
 
+def gqa_window_spec():
+    """A GQA-only model with a sliding window and strided global keys (gpt5_moe_tiny's attention without the
+    structural bias, a GELU feed-forward): static decoding applies."""
+    mixer = {"type": "gqa", "num_heads": 4, "num_kv_heads": 2, "qk_norm": True, "window": 16, "global_stride": 8}
+    layer = [{"norm": "rmsnorm", "mixer": mixer}, {"norm": "rmsnorm", "ffn": {"type": "gelu_mlp", "hidden_dim": 128}}]
+    return spec_from_dict({"vocab_size": 264, "d_model": 64, "n_layers": 2, "blocks": {"layer": layer}, "final_norm": "rmsnorm", "predictor_bias": False})
+
+
+STATIC_SPECS = ["specs/quickstart.yaml", "gqa_window"]
+
+
 def _model(spec):
+    if spec == "gqa_window":
+        spec = gqa_window_spec()
     torch.manual_seed(0)
     return build_model(load_spec(spec) if isinstance(spec, str) else spec).eval()
 
@@ -84,6 +99,90 @@ def test_rollback_into_a_pass_continues_exactly(spec):
         state.rollback(30 + keep)
         reps, _ = model.extend(tokens[:, 30 + keep : 40], state)
         torch.testing.assert_close(model.predict(reps), full[:, 30 + keep : 40], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", STATIC_SPECS)
+@torch.no_grad()
+def test_static_cache_logits_equal_the_growing_cache_and_full_recompute(spec):
+    """The static state after an unrelated longer sequence (stale keys past every position), then a prompt
+    in two passes and single tokens: each pass's logits against the growing cache and the plain forward."""
+    model = _model(spec)
+    tokens = torch.tensor([list(TEXT[:60]), list(TEXT[3:63])])
+    full = model(tokens)
+    static, growing = DecodeState(80, position=torch.zeros((), dtype=torch.long)), DecodeState()
+    model.extend(torch.randint(0, 256, (2, 75)), static)
+    for a, b in [(0, 25), (25, 44)] + [(t, t + 1) for t in range(44, 60)]:
+        static.position.fill_(a)
+        got = model.predict(model.extend(tokens[:, a:b], static)[0])
+        torch.testing.assert_close(got, model.predict(model.extend(tokens[:, a:b], growing)[0]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, full[:, a:b], rtol=1e-5, atol=1e-5)
+    assert all(isinstance(c, StaticKVCache) and c.k.shape[2] == 80 for c in static.caches.values()) and static.tokens is None
+
+
+class EndRows(LogitsProcessor):
+    """Row r may only emit EOS once it has generated eos_after[r] tokens (None: no limit); row `dead_row`
+    may emit nothing from its `dead_after`-th token on."""
+
+    name = "end_rows"
+
+    def __init__(self, eos_after: list[int | None], dead_row: int, dead_after: int) -> None:
+        self.eos_after, self.dead_row, self.dead_after = eos_after, dead_row, dead_after
+
+    def __call__(self, tokens, prompt_length, logits):
+        generated = tokens.shape[1] - prompt_length
+        out = logits.clone()
+        for row, n in enumerate(self.eos_after):
+            if n is not None and generated >= n:
+                out[row, :EOS], out[row, EOS + 1 :] = float("-inf"), float("-inf")
+        if generated >= self.dead_after:
+            out[self.dead_row] = float("-inf")
+        return out
+
+
+@pytest.mark.parametrize("spec", STATIC_SPECS)
+@torch.no_grad()
+def test_static_cache_generation_equals_the_growing_cache_and_full_recompute(spec):
+    """Batch 4: one row ends at EOS after 5 tokens, one after 11, one is left no allowed token after 8, one
+    runs to max_new_tokens. The static decoder is kept from an earlier, longer generation (stale caches)."""
+    model = _model(spec)
+    prompt, processors = _prompt(4, 30), [EndRows([5, 11, None, None], dead_row=2, dead_after=8)]
+    earlier = generation._generate(model, _prompt(4, 40), 30, 0.0, None, None, 0, [], "static", False)
+    kept = generation._static_decoders[model]
+    static = generation._generate(model, prompt, 30, 0.0, None, None, 0, processors, "static", False)
+    assert generation._static_decoders[model] is kept  # fits: one capture per batch size and capacity on a GPU
+    growing = generate(model, prompt, 30, processors=processors)
+    full = generate(model, prompt, 30, processors=processors, use_cache=False)
+    assert static.tokens == growing.tokens == full.tokens and static.stop_reasons == growing.stop_reasons == full.stop_reasons
+    assert static.stop_reasons == ["eos", "eos", "no_allowed_token (after end_rows)", "max_new_tokens"]
+    assert [len(row) for row in static.tokens] == [6, 12, 8, 30] and len({t for row in static.tokens for t in row}) > 5
+    assert earlier.tokens == generate(model, _prompt(4, 40), 30).tokens
+
+
+@torch.no_grad()
+def test_static_decoder_is_rebuilt_when_the_parameters_change():
+    """A kept static decoder (and on a GPU its graph) reads the parameter tensors it was built with: after
+    `.double()` a new one, with float64 caches, decodes as the growing cache does."""
+    model = _model("specs/quickstart.yaml")
+    generation._generate(model, _prompt(2, 20), 8, 0.0, None, None, 0, [], "static", False)
+    kept = generation._static_decoders[model]
+    model.double()
+    static = generation._generate(model, _prompt(2, 20), 8, 0.0, None, None, 0, [], "static", False)
+    assert generation._static_decoders[model] is not kept
+    assert static.tokens == generate(model, _prompt(2, 20), 8).tokens
+
+
+def test_static_decoding_support_and_cuda_graph_errors():
+    assert static_blocker(_model("specs/quickstart.yaml")) is None and static_blocker(_model("gqa_window")) is None
+    assert static_blocker(_model("specs/gpt5_moe_tiny.yaml")) == "input_embeddings.0 (HashedNgramEmbedding)"
+    assert static_blocker(_model("specs/hybrid_tiny.yaml")) == "encoder.layers.0.gdn (GatedDeltaNet)"
+    assert static_blocker(_model("specs/sosm_tiny.yaml")) == "embedding (SemanticStateEmbedding)"
+    raw = yaml.safe_load(open("specs/gpt5_moe_tiny.yaml"))["model"]["arch"]
+    del raw["input_embeddings"]
+    assert static_blocker(_model(spec_from_dict(raw))) == "encoder.layers.0.attention (GroupedQueryAttention)"  # structural bias
+    del raw["blocks"]["layer"][0]["mixer"]["structure_buckets"]
+    assert static_blocker(_model(spec_from_dict(raw))) == "encoder.layers.0.moe (MoE)"
+    with pytest.raises(UserError, match="cuda_graph: needs the model on a CUDA device, it is on cpu"):
+        generate(_model("specs/quickstart.yaml"), b"x", 2, cuda_graph=True)
 
 
 def test_gated_delta_rule_continues_from_a_state():
@@ -273,3 +372,6 @@ def test_generate_command_with_constraints_and_trace(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["generate", "--ckpt", str(run), "--prompt", "x", "--regex", "(a"])
     assert exit.value.code == 2 and "regex '(a': missing )" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--ckpt", str(run), "--prompt", "x", "--cuda-graph"])
+    assert exit.value.code == 2 and "cuda_graph: needs the model on a CUDA device" in capsys.readouterr().err

@@ -146,3 +146,73 @@ def test_graph_attention_flex_equals_reference_values_and_gradients():
         results[impl] = (y, *torch.autograd.grad(y.square().mean(), [x, attn.q_proj.weight, attn.edge_bias]))
     for got, want in zip(results["flex"], results["reference"]):
         assert _rel(got, want) < 1e-3
+
+
+def _first_divergence_is_a_near_tie(model, prompt, got, want, tolerance=2e-2):
+    """Rows of `got` equal `want` token for token, or first differ where `want`'s two best emittable logits
+    (from the plain forward pass over the prompt and `want`) are within tolerance * the largest logit: in
+    bf16 two correct paths may break a near-tie differently, after which they continue differently."""
+    from soma_lightning.data_modules.contract import EOS
+
+    for row, (a, b) in enumerate(zip(got, want)):
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is None:
+            assert len(a) == len(b)
+            continue
+        sequence = torch.cat([prompt[row], torch.tensor(b[:i], device=prompt.device, dtype=torch.long)])
+        logits = model(sequence[None])[0, -1].float()
+        emittable = torch.cat([logits[:256], logits[EOS : EOS + 1]])
+        top = emittable.topk(2).values
+        assert top[0] - top[1] < tolerance * emittable.abs().max(), f"row {row} differs at token {i}, not at a near-tie"
+
+
+def _gqa_window_model():
+    from test_generate import gqa_window_spec
+
+    return build_model(gqa_window_spec(), device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("arch", ["v1", "gqa_window"])
+@torch.no_grad()
+def test_cuda_graph_decoding_equals_the_eager_cache_in_bf16(arch, batch):
+    """bf16 weights, 200-token prompts, 64 greedy tokens: the graph path equals the eager cached path (up to
+    a near-tie, see above); the static decoder and its graph are kept for the next call, which replays the
+    same graph and gives the same tokens."""
+    from soma_lightning.generate import _static_decoders, generate
+
+    torch.manual_seed(0)
+    model = (build_model(tiny_v1_arch(d_model=256, num_heads=2, hidden_dim=1024), device="cuda") if arch == "v1" else _gqa_window_model())
+    model = model.to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 256, (batch, 200), device="cuda")
+    eager = generate(model, prompt, 64, cuda_graph=False)
+    graph = generate(model, prompt, 64, cuda_graph=True)
+    captured = _static_decoders[model].graph
+    assert captured is not None and generate(model, prompt, 64).tokens == graph.tokens  # auto: the graph path
+    assert generate(model, prompt, 40, cuda_graph=True).tokens == [row[:40] for row in graph.tokens]
+    assert _static_decoders[model].graph is captured
+    _first_divergence_is_a_near_tie(model, prompt, graph.tokens, eager.tokens)
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_graph_decoding_equals_the_eager_cache_in_float32_and_under_autocast():
+    """float32: token for token. Under bf16 autocast (float32 weights): the graph is captured without
+    autocast's weight cache, so a second call, after the first call's autocast region freed its cache,
+    still replays correctly."""
+    from soma_lightning.generate import generate
+
+    torch.manual_seed(0)
+    model = build_model(tiny_v1_arch(d_model=256, num_heads=2, hidden_dim=1024), device="cuda").eval()
+    prompt = torch.randint(0, 256, (4, 100), device="cuda")
+    assert generate(model, prompt, 48, cuda_graph=True).tokens == generate(model, prompt, 48, cuda_graph=False).tokens
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = generate(model, prompt, 48, cuda_graph=False)
+        first = generate(model, prompt, 48, cuda_graph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.randn(64, 1024, 1024, device="cuda")  # reuse the memory the first region's cast weights had
+        second = generate(model, prompt, 48, cuda_graph=True)
+    assert second.tokens == first.tokens
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _first_divergence_is_a_near_tie(model, prompt, first.tokens, eager.tokens)

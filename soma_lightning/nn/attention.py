@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.decode import KVCache, cached_attention, causal_offset_mask
+from soma_lightning.nn.decode import cached_attention, causal_mask
 from soma_lightning.nn.rope import apply_rope
 
 
@@ -69,8 +69,8 @@ class MultiHeadAttention(nn.Module):
         k = apply_rope(self.key(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         if ctx.decode is not None:
-            k, v = ctx.decode.cache(self, lambda: KVCache(ctx.decode.capacity)).extend(k, v)
-            y = cached_attention(ctx.decode, self, q, k, v, causal_offset_mask(ctx.decode.start, t, x.device))
+            k, v = ctx.decode.kv_cache(self).extend(k, v)
+            y = cached_attention(ctx.decode, self, q, k, v, causal_mask(ctx.decode, ctx.positions, k.shape[2]))
         elif self.impl == "sdpa":
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)

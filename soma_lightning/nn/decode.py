@@ -5,6 +5,11 @@ A `DecodeState` travels in `SequenceContext.decode`. A forward pass with it feed
 keyed by the module: attention its keys and values (`KVCache`), Gated DeltaNet its recurrent state and
 convolution inputs (`RecurrentCache`), SOSM's semantic state its MU history. `rollback(length)` forgets the
 newest positions (speculative decoding's rejected drafts).
+
+Static decoding (`DecodeState(position=...)`, for `mha` and `gqa` without a structural bias): the keys and
+values live in `StaticKVCache` buffers sized for the whole generation, and the pass's position is a device
+tensor that the caller sets, so no shape and no host value depends on the length: a one-token pass can be
+captured once as a CUDA graph and replayed for every token (soma_lightning/generate.py).
 """
 
 import math
@@ -39,6 +44,26 @@ class KVCache:
 
     def rollback(self, length: int) -> None:
         self.length = min(self.length, length)
+
+
+class StaticKVCache:
+    """Keys and values [B, H, capacity, hd] allocated once, zero until written (a masked key must not be
+    NaN garbage). The new positions are written at `position`, position + 1, ... (a device tensor); attention
+    reads the whole buffer, the positions not yet written masked like any later position."""
+
+    def __init__(self, capacity: int, position: Tensor) -> None:
+        self.capacity, self.position = capacity, position
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new positions' k, v [B, H, n, hd]; -> the whole buffers."""
+        if self.k is None:
+            self.k, self.v = (x.new_zeros(*x.shape[:2], self.capacity, x.shape[3]) for x in (k, v))
+        index = self.position + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, index, k)
+        self.v.index_copy_(2, index, v)
+        return self.k, self.v
 
 
 class RecurrentCache:
@@ -81,10 +106,14 @@ class RecurrentCache:
 class DecodeState:
     """The sequence so far and every layer's cache. `capacity`: expected final length (buffer size);
     `keep_steps`: keep per-token recurrent states so that `rollback` can reach into the last pass;
-    `record_attention`: attention layers store the last pass's attention weights [B, H, n, T] in `attention`."""
+    `record_attention`: attention layers store the last pass's attention weights [B, H, n, T] in `attention`.
+    `position` (a 0-dim long tensor on the model's device): static decoding, see the module docstring; the
+    caller sets it to the first new position before each pass, caches are `StaticKVCache`s of `capacity`
+    (the hard limit then), and no token history is kept (`tokens` stays None)."""
 
-    def __init__(self, capacity: int = 0, keep_steps: bool = False, record_attention: bool = False) -> None:
+    def __init__(self, capacity: int = 0, keep_steps: bool = False, record_attention: bool = False, position: Tensor | None = None) -> None:
         self.capacity, self.keep_steps, self.record_attention = capacity, keep_steps, record_attention
+        self.position = position
         self.tokens: Tensor | None = None  # [B, T]
         self.structure: Tensor | None = None  # [B, T, L] when the model reads structure
         self.caches: dict[nn.Module, Any] = {}
@@ -96,13 +125,23 @@ class DecodeState:
     def length(self) -> int:
         return 0 if self.tokens is None else self.tokens.shape[1]
 
+    @property
+    def static(self) -> bool:
+        return self.position is not None
+
     def cache(self, module: nn.Module, make: Callable[[], Any]) -> Any:
         if module not in self.caches:
             self.caches[module] = make()
         return self.caches[module]
 
+    def kv_cache(self, module: nn.Module) -> KVCache | StaticKVCache:
+        """`module`'s key/value cache: static or growing, as the state decodes."""
+        return self.cache(module, lambda: StaticKVCache(self.capacity, self.position) if self.static else KVCache(self.capacity))
+
     def append(self, tokens: Tensor, structure: Tensor | None) -> Tensor:
         """Add the new tokens (and their structure rows); -> their positions [B, n]."""
+        if self.static:
+            return (self.position + torch.arange(tokens.shape[1], device=tokens.device)).expand_as(tokens)
         self.start = self.length
         self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], dim=1)
         if structure is not None:
@@ -126,6 +165,15 @@ def causal_offset_mask(start: int, n: int, device: torch.device) -> Tensor | Non
     if n == 1:
         return None
     return torch.arange(start + n, device=device)[None] <= torch.arange(start, start + n, device=device)[:, None]
+
+
+def causal_mask(state: DecodeState, positions: Tensor, keys: int) -> Tensor | None:
+    """[n, keys] bool for the new queries at `positions` [B, n] (equal across rows): key j is visible from the
+    query at position p when j <= p. None (all visible) for one new token over a growing cache, whose keys
+    end at it; a static cache's buffer runs past it."""
+    if positions.shape[1] == 1 and not state.static:
+        return None
+    return torch.arange(keys, device=positions.device) <= positions[0, :, None]
 
 
 def cached_attention(state: DecodeState, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> Tensor:

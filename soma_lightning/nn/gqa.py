@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.decode import KVCache, cached_attention, causal_offset_mask
+from soma_lightning.nn.decode import cached_attention, causal_mask
 from soma_lightning.nn.rope import apply_rope
 
 
@@ -233,15 +233,15 @@ class GroupedQueryAttention(nn.Module):
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
         """The new positions' queries against the cached keys (the KV heads only), under the same pattern
-        and structural bias as `_attend` (one document: generation never packs several)."""
+        and structural bias as `_attend` (one document: generation never packs several). The pattern is
+        evaluated at the positions, so it also masks a static cache's not yet written tail."""
         state = ctx.decode
-        k, v = state.cache(self, lambda: KVCache(state.capacity)).extend(k, v)
+        k, v = state.kv_cache(self).extend(k, v)
         n, t = q.shape[2], k.shape[2]
         if self.window is None:
-            mask = causal_offset_mask(state.start, n, q.device)
+            mask = causal_mask(state, ctx.positions, t)
         else:
-            position = torch.arange(t, device=q.device)
-            mask = visible(position[t - n :, None], position[None], self.window, self.global_stride)
+            mask = visible(ctx.positions[0, :, None], torch.arange(t, device=q.device), self.window, self.global_stride)
         bias = None
         if self.structure_bias is not None:
             if state.structure is None:
