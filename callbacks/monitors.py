@@ -181,8 +181,8 @@ class BlockNormMonitor(_EveryNSteps):
             self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(pl_module.model.encoder.layers)]
 
     def _hook(self, i: int):
-        def record(module: nn.Module, args: tuple, output: Tensor) -> None:
-            self._activations[i] = output.detach().float().norm(dim=-1).mean()
+        def record(module: nn.Module, args: tuple, output: tuple[Tensor, list]) -> None:
+            self._activations[i] = output[0].detach().float().norm(dim=-1).mean()
         return record
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:

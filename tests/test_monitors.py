@@ -97,7 +97,7 @@ class _Reference(L.Callback):
             ctx = model._context(self.batch["tokens"], self.batch["positions"], None, None)
             x, norms = model.embedding(self.batch["tokens"]), []
             for layer in model.encoder.layers:
-                x = layer(x, ctx)
+                x, _ = layer(x, ctx)
                 norms.append(x.norm(dim=-1).mean().item())
         self.activation[step] = norms
 

@@ -17,7 +17,7 @@ from soma_lightning.nn.mtp import MTPHeads, MTPPrediction, SequentialMTP
 @dataclass
 class Sublayer:
     """One residual branch of a block: x + drop(module(norm(x))). MTP heads are the exception: they read
-    norm(x), put their predictions in the context, and leave x as it is."""
+    norm(x), add their predictions to the block's, and leave x as it is."""
 
     name: str  # attribute name of the module inside its block
     module: nn.Module
@@ -25,7 +25,11 @@ class Sublayer:
 
 
 class Block(nn.Module):
-    """Residual sublayers run in order; the norm of the k-th sublayer (1-based) is named `norm_k`."""
+    """Residual sublayers run in order; the norm of the k-th sublayer (1-based) is named `norm_k`. Returns the
+    stream and the predictions of its MTP heads (none unless `ctx.mtp` is a list). The predictions are returned,
+    not put in the context, because FSDP2 unshards a block's parameters for backward when the gradient of one
+    of its outputs arrives: a head whose prediction left the block any other way would run its backward on
+    freed parameters."""
 
     def __init__(self, sublayers: list[Sublayer], dropout: float = 0.0) -> None:
         super().__init__()
@@ -39,16 +43,17 @@ class Block(nn.Module):
             self.order.append((norm_name, sub.name))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: SequenceContext) -> tuple[Tensor, list[MTPPrediction]]:
+        predictions = []
         for norm_name, name in self.order:
             module = self.get_submodule(name)
             norm = (lambda h: h) if norm_name is None else self.get_submodule(norm_name)
             if isinstance(module, MTPHeads):
                 if ctx.mtp is not None:
-                    ctx.mtp.extend(module(norm(x), ctx))
+                    predictions.extend(module(norm(x), ctx))
                 continue
             x = x + self.drop(module(norm(x), ctx))
-        return x
+        return x, predictions
 
 
 class Encoder(nn.Module):
@@ -61,11 +66,18 @@ class Encoder(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        """The stream after the last block. The blocks' MTP predictions are added to `ctx.mtp` after the last
+        block: FSDP2 hands a block a rebuilt copy of any input that holds tensors needing gradients, so a
+        context holding predictions would be copied for every later block."""
+        predictions = []
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                x, block_predictions = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
-                x = layer(x, ctx)
+                x, block_predictions = layer(x, ctx)
+            predictions.extend(block_predictions)
+        if ctx.mtp is not None:
+            ctx.mtp.extend(predictions)
         return x
 
 

@@ -150,11 +150,15 @@ class MoE(nn.Module):
         load = self.stats["tokens_per_expert"].float()
         self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
+    def expert_parameters(self) -> int:
+        """Parameters of one routed expert, from the shapes alone: indexing an expert out of an FSDP2-sharded
+        weight (`self.w_in[0]`) would be an all-gather, and these counts are taken on rank zero only."""
+        return (self.w_in.numel() + self.w_out.numel()) // self.num_experts
+
     def inactive_parameters(self) -> int:
-        per_expert = self.w_in[0].numel() + self.w_out[0].numel()
-        return (self.num_experts - self.top_k) * per_expert
+        return (self.num_experts - self.top_k) * self.expert_parameters()
 
     def flops_per_token(self, seq_len: int) -> float:
-        per_expert = 2 * (self.w_in[0].numel() + self.w_out[0].numel())
+        per_expert = 2 * self.expert_parameters()
         shared = 0 if self.shared_in is None else 2 * (self.shared_in.numel() + self.shared_out.numel())
         return 2 * self.router.weight.numel() + self.top_k * per_expert + shared

@@ -70,6 +70,6 @@ class SequentialMTP(nn.Module):
         predictions = []
         for k, depth in enumerate(self.depths, start=1):
             ahead = F.pad(embedding(tokens[:, k:]), (0, 0, 0, min(k, tokens.shape[1])))
-            hidden = depth.block(depth.combine(torch.cat([depth.hidden_norm(hidden), depth.token_norm(ahead)], dim=-1)), ctx)
+            hidden, _ = depth.block(depth.combine(torch.cat([depth.hidden_norm(hidden), depth.token_norm(ahead)], dim=-1)), ctx)
             predictions.append(MTPPrediction(k, self.loss_weight, depth.out_norm(hidden)))
         return predictions
