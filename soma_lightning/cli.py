@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import asdict
 from glob import glob
 from pathlib import Path
@@ -20,12 +21,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from soma_lightning.callbacks import PreemptionCheckpoint, RunInfo
 from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write_safetensors
-from soma_lightning.checkpoint_io import AtomicCheckpointIO
+from soma_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
 from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, RegexConstraint, RepetitionPenalty
 from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.data_modules.byte_corpus import source_files
-from soma_lightning.data_modules.modalities import decode_to_files
+from soma_lightning.data_modules.modalities import TokenSpace, decode_to_files
+from soma_lightning.data_modules.modalities import prompt as modality_prompt
 from soma_lightning.data_modules.multimodal import MultimodalCorpus, Shards, prepare_corpus
 from soma_lightning.errors import UserError
 from soma_lightning.generate import generate, write_trace
@@ -192,7 +194,7 @@ def _checkpoint_of(path: str, which: str) -> Path:
     """A checkpoint (a .ckpt file, or a sharded checkpoint folder), or the best / last checkpoint of a run
     directory (runs/NAME/version_N)."""
     p = Path(path)
-    if p.is_file() or (p / SHARDED_METADATA).is_file():
+    if p.is_file() or (p / SHARDED_METADATA).is_file() or (p / DEEPSPEED_LATEST).is_file():
         return p
     if not p.is_dir():
         raise UserError(f"--ckpt: {path!r} is neither a checkpoint nor a run directory")
@@ -204,25 +206,44 @@ def _checkpoint_of(path: str, which: str) -> Path:
     return found[-1]
 
 
-SHARDED_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
+SHARDED_METADATA = "meta.pt"  # what Lightning's FSDP and ModelParallel strategies write beside the shards
+DEEPSPEED_LATEST = "latest"  # what DeepSpeed writes into its checkpoint folders
 
 
 def _load_sharded(path: Path) -> SomaLM:
     """A SomaLM holding the full weights of a sharded (torch.distributed.checkpoint) checkpoint folder,
-    read in this one process."""
+    read in this one process. Lightning's ModelParallelStrategy (FSDP2) stores the weights under
+    "state_dict", its FSDPStrategy (FSDP1) under "model"."""
     import torch.distributed.checkpoint as dcp
 
     meta = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
     module = SomaLM(**(meta["hyper_parameters"] | {"init_weights": None}))
-    state = {"state_dict": module.state_dict()}
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    top = "model" if any(key.startswith("model.model.") for key in stored) else "state_dict"
+    state = {top: module.state_dict()}
     dcp.load(state, checkpoint_id=path)
-    module.load_state_dict(state["state_dict"])
+    module.load_state_dict(state[top])
     return module
+
+
+def _load_deepspeed(path: Path) -> SomaLM:
+    """A SomaLM holding the full float32 weights of a DeepSpeed ZeRO checkpoint folder, consolidated by
+    Lightning's converter (needs the `deepspeed` extra)."""
+    try:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    except ImportError as e:
+        raise UserError(f"--ckpt: {path} is a DeepSpeed checkpoint; reading it needs the deepspeed extra ({e})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "consolidated.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(path, consolidated)
+        return SomaLM.load_from_checkpoint(consolidated, map_location="cpu", init_weights=None)
 
 
 def _load_run(ckpt: str, which: str) -> tuple[Path, SomaLM]:
     path = _checkpoint_of(ckpt, which)
     try:
+        if (path / DEEPSPEED_LATEST).is_file():
+            return path, _load_deepspeed(path)
         if path.is_dir():
             return path, _load_sharded(path)
         return path, SomaLM.load_from_checkpoint(path, map_location="cpu", init_weights=None)
@@ -231,8 +252,8 @@ def _load_run(ckpt: str, which: str) -> tuple[Path, SomaLM]:
 
 
 def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: str = "auto") -> dict:
-    """Write a run's weights as one safetensors file: a .ckpt, or a sharded FSDP2 checkpoint folder
-    consolidated. `layout`: canonical (SOMA V1's layout, 389 keys for the full model, F32), state_dict (the
+    """Write a run's weights as one safetensors file: a .ckpt, or a sharded checkpoint folder (FSDP2,
+    FSDP1 or DeepSpeed ZeRO) consolidated. `layout`: canonical (SOMA V1's layout, 389 keys for the full model, F32), state_dict (the
     model's own tensors with the resolved spec in the metadata), auto (canonical for a V1-shaped model)."""
     path, module = _load_run(ckpt, which)
     canonical = layout == "canonical" or (layout == "auto" and is_v1(module.model))
@@ -425,9 +446,21 @@ def generate_main(args: list[str]) -> None:
         "--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
         help="replay the cached one-token step as a CUDA graph; default: on CUDA for models that support it (mha/gqa, no MoE)",
     )
+    parser.add_argument(
+        "--modality", choices=["text", "image", "audio"], default="text",
+        help="image/audio: ask a model trained on a multimodal corpus for an image or clip of --prompt (a label or transcript)",
+    )
+    parser.add_argument("--tokens-out", default=None, help="also write the prompt and generated ids as .npy (for `soma-lightning decode --tokens`)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     cfg = parser.parse_args(args)
     _, module = _load_run(cfg.ckpt, cfg.which)
+    ranges = module.arch.vocab_ranges
+    if cfg.modality == "text":
+        prompt = list(cfg.prompt.encode())
+    elif ranges is None:
+        raise UserError(f"--modality: {cfg.modality} needs a model with a token space (model.arch.vocab_ranges); {cfg.ckpt} has none")
+    else:
+        prompt = modality_prompt(TokenSpace(ranges), cfg.prompt, cfg.modality).tolist()
     processors = []
     if cfg.allowed_bytes is not None:
         processors.append(AllowedTokens(list(cfg.allowed_bytes.encode()) + [EOS]))
@@ -443,11 +476,20 @@ def generate_main(args: list[str]) -> None:
     if cfg.repetition_penalty is not None:
         processors.append(RepetitionPenalty(cfg.repetition_penalty))
     result = generate(
-        module.model.to(cfg.device), cfg.prompt.encode(), cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
+        module.model.to(cfg.device), prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
         processors, use_cache=not cfg.no_cache, trace=cfg.trace is not None, speculative=cfg.speculative, cuda_graph=cfg.cuda_graph,
+        vocab_ranges=ranges,
     )
     if cfg.trace is not None:
         write_trace(cfg.trace, result.trace)
+    if cfg.tokens_out is not None:
+        ids = np.array(prompt + result.tokens[0], dtype=np.int64)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, ids)
+
+        atomic_write(Path(cfg.tokens_out), write)
     print(result.texts[0])
     summary = f"soma-lightning: {len(result.tokens[0])} tokens, stop: {result.stop_reasons[0]}, {result.forward_passes} forward passes"
     if cfg.speculative:

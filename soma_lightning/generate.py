@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from soma_lightning.checkpoint_io import atomic_write
 from soma_lightning.constraints import LogitsProcessor
-from soma_lightning.data_modules.contract import EOS
+from soma_lightning.data_modules.contract import EOS, PAD
 from soma_lightning.data_modules.structure import StructureScanner, batch_structure
 from soma_lightning.errors import UserError
 from soma_lightning.nn.attention import MultiHeadAttention
@@ -227,9 +227,16 @@ class _Decoder:
         return self.model(self.tokens, structure=structure)[:, -new.shape[1] :], []
 
 
-def _emittable(vocab_size: int, device: torch.device) -> Tensor:
+def _emittable(vocab_size: int, vocab_ranges: dict[str, list[int]] | None, device: torch.device) -> Tensor:
+    """The ids that may be emitted: bytes and EOS (the V1 byte contract); with a declared token space, every
+    id of its ranges but PAD."""
     keep = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-    keep[:256] = True
+    if vocab_ranges is None:
+        keep[:256] = True
+    else:
+        for start, end in vocab_ranges.values():
+            keep[start:end] = True
+        keep[PAD] = False
     keep[EOS] = True
     return keep
 
@@ -309,6 +316,7 @@ def generate(
     trace: bool = False,
     speculative: bool = False,
     cuda_graph: bool | None = None,
+    vocab_ranges: dict[str, list[int]] | None = None,
 ) -> Generation:
     """Continue each prompt row by up to `max_new_tokens` tokens. temperature 0 is greedy; otherwise
     softmax sampling at `temperature`, restricted to the `top_k` most likely ids and the smallest set
@@ -320,7 +328,9 @@ def generate(
     one row, no processors): the same tokens as plain greedy decoding, in fewer forward passes.
     `cuda_graph`: replay the cached one-token step as a CUDA graph (static caches, see the module docstring);
     None: whenever the model is on CUDA, every layer supports it (`static_blocker`), and neither `trace`,
-    `speculative` nor `use_cache` False asks for the eager path."""
+    `speculative` nor `use_cache` False asks for the eager path. `vocab_ranges`: the token space of a model
+    trained on one (its spec's `vocab_ranges`): ids of every range but PAD may be emitted; None: bytes and
+    EOS only."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
@@ -348,17 +358,17 @@ def generate(
                     raise UserError("speculative: needs greedy decoding (temperature 0), one prompt row, the cache, no processors and no trace")
                 return _speculative(model, prompt, max_new_tokens)
             decoding = "graph" if cuda_graph else "cache" if use_cache else "recompute"
-            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), decoding, trace)
+            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), decoding, trace, vocab_ranges)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, processors, decoding, trace) -> Generation:
+def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, processors, decoding, trace, vocab_ranges=None) -> Generation:
     """The decoding loop (`decoding`: see _Decoder). Without a trace, one transfer to the host per step."""
     b, prompt_length = prompt.shape
     decoder = _Decoder(model, b, prompt_length + max_new_tokens, decoding, record_attention=trace)
     generator = torch.Generator(prompt.device).manual_seed(seed) if temperature > 0 else None
-    emittable = _emittable(model.predictor.out_features, prompt.device)
+    emittable = _emittable(model.predictor.out_features, vocab_ranges, prompt.device)
     layer = _attention_layer(model) if trace else None
     out = Generation(tokens=[[] for _ in range(b)], stop_reasons=["max_new_tokens"] * b)
     finished = [False] * b

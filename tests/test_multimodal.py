@@ -14,7 +14,8 @@ import yaml
 from soma_lightning.cli import cli_main, main, prepare_from_spec
 from soma_lightning.data_modules.byte_corpus import RandomWindows
 from soma_lightning.data_modules.contract import EOS, PAD
-from soma_lightning.data_modules.modalities import BadInput, read_wav
+from soma_lightning.data_modules.modalities import BadInput, TokenSpace, read_wav
+from soma_lightning.data_modules.modalities import prompt as image_prompt
 from soma_lightning.data_modules.multimodal import LAYOUTS, Shards
 from soma_lightning.errors import UserError
 from soma_lightning.lm import RangeCE, SomaLM
@@ -193,6 +194,17 @@ def test_per_modality_validation_losses_fall(tmp_path):
         assert after[f"val/ce_{modality}"] < before[f"val/ce_{modality}"] - 0.1, modality  # fixed val batches: no noise
         assert abs(after[f"val/bits_per_token_{modality}"] - after[f"val/ce_{modality}"] / np.log(2)) < 1e-4
     assert before["val/ce_image"] > 5.0  # near log(1048) = 6.95 untrained
+
+    # the trained run draws an image for a label prompt: ids of the whole token space (not only bytes), decodable
+    out = tmp_path / "sneaker.npy"
+    main(["generate", "--ckpt", str(tmp_path / "runs/mm/version_1"), "--prompt", "Sneaker", "--modality", "image",
+          "--max-new-tokens", "40", "--temperature", "1.0", "--tokens-out", str(out)])
+    ids = np.load(out)
+    head = image_prompt(TokenSpace(yaml.safe_load(open(cfg))["model"]["arch"]["vocab_ranges"]), "Sneaker", "image")
+    new = ids[len(head) :]
+    assert ids[: len(head)].tolist() == head.tolist() and len(new) > 0
+    assert (new != PAD).all() and (new < 1048).all() and (new >= 264).any()
+    main(["decode", "--data", str(tmp_path / "shards"), "--tokens", str(out), "--out", str(tmp_path / "sneaker")])
 
 
 def test_resume_draws_the_same_batches_and_losses(tmp_path):
