@@ -13,7 +13,7 @@ from torch import nn
 
 from soma_lightning.callbacks import safetensors_export
 from soma_lightning.callbacks.safetensors_export import SafetensorsExport, load_exported
-from soma_lightning.cli import cli_main
+from soma_lightning.cli import cli_main, main
 from soma_lightning.lm import SomaLM
 from soma_lightning.spec import build_model, spec_from_dict
 from soma_lightning.v1 import WeightsError, model_from_canonical
@@ -122,3 +122,20 @@ def test_tied_weights_are_written_under_each_name(tmp_path):
     tensors, _ = load_exported(tmp_path / "safetensors" / "step=0.safetensors")
     for key in ("predictor.weight", "embedding.weight"):
         assert torch.equal(tensors[key], module.model.embedding.weight)
+
+
+def test_export_consolidates_an_fsdp1_sharded_folder(tmp_path):
+    """Lightning's FSDPStrategy (FSDP1, state_dict_type sharded) stores the weights under "model" in a
+    torch.distributed.checkpoint folder beside meta.pt; FSDP2's ModelParallelStrategy under "state_dict" (its
+    export is tested on 2 processes in test_scale_out.py)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    module = SomaLM(spec_from_dict(tiny_v1_arch()))
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"model": module.state_dict()}, checkpoint_id=folder)
+    torch.save({"hyper_parameters": dict(module.hparams), "global_step": 3}, folder / "meta.pt")
+    main(["export", "--ckpt", str(folder), "--out", str(tmp_path / "w.safetensors"), "--layout", "state_dict"])
+    exported = load_file(tmp_path / "w.safetensors")
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(exported[name], value), name
