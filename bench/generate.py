@@ -30,6 +30,7 @@ import torch
 
 from soma_lightning import build_model, load_spec
 from soma_lightning.generate import generate, static_blocker
+from soma_lightning.nn.gqa import GroupedQueryAttention
 
 FULL = {"V1": "specs/soma_v1.yaml", "MoE": "specs/gpt5_moe.yaml", "hybrid": "specs/hybrid_small.yaml"}
 SMALL = {"V1": "specs/quickstart.yaml", "MoE": "specs/gpt5_moe_tiny.yaml", "hybrid": "specs/hybrid_tiny.yaml"}
@@ -66,6 +67,9 @@ def cache_table(specs: dict, contexts: list[int], new_tokens: int, device: str, 
     for name, path in specs.items():
         torch.manual_seed(0)
         model = build_model(load_spec(path), device=device).to(dtype).eval()
+        for m in model.modules():  # the same function as flex, which compiles for static shapes: at every new
+            if isinstance(m, GroupedQueryAttention):  # length of the full recompute it would recompile
+                m.impl = "sdpa"
         for context in contexts:
             prompt = torch.randint(0, 256, (1, context - new_tokens), device=device)
             row = {"model": name, "spec": path, "context": context, "graph_tok_s": None}
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny specs and short contexts (CPU smoke run)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per measurement (default 64; --small 16)")
+    parser.add_argument("--models", default="V1,MoE,hybrid", help="comma-separated: which specs the cache table measures (V1, MoE, hybrid); empty: none")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--speculative-ckpt", default=None, help="a trained run with MTP heads (e.g. specs/hybrid_tiny.yaml after 300 steps)")
     parser.add_argument("--profile", action="store_true", help="instead of the tables: profile cached decode steps of the V1 spec")
@@ -201,7 +206,7 @@ def main() -> None:
     else:
         print(f"decode tokens/s, batch 1, greedy, {new_tokens} new tokens, {dtype}, {args.device}")
         print(f"{'model':7s} {'context':>7s} {'recompute':>12s} {'cached':>12s} {'graph':>12s} {'speed-up':>9s}   (best cached / recompute)")
-        rows = cache_table(specs, contexts, new_tokens, args.device, dtype)
+        rows = cache_table({name: specs[name] for name in args.models.split(",") if name}, contexts, new_tokens, args.device, dtype)
         print(f"\nV1-shaped ({specs['V1']}): our fastest cached path vs transformers GPT-NeoX generate, total tokens/s over the batch")
         print(f"{'batch':>5s} {'context':>7s} {'ours':>12s} {'path':>6s} {'hf':>12s} {'ours/hf':>8s}")
         hf_rows = hf_table(specs["V1"], contexts[0], new_tokens, [1, 16], args.device, dtype)
