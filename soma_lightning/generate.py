@@ -356,7 +356,7 @@ def generate(
             if speculative:
                 if temperature != 0 or processors or trace or not use_cache or prompt.shape[0] != 1:
                     raise UserError("speculative: needs greedy decoding (temperature 0), one prompt row, the cache, no processors and no trace")
-                return _speculative(model, prompt, max_new_tokens)
+                return _speculative(model, prompt, max_new_tokens, vocab_ranges)
             decoding = "graph" if cuda_graph else "cache" if use_cache else "recompute"
             return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), decoding, trace, vocab_ranges)
     finally:
@@ -411,11 +411,12 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, pr
     return out
 
 
-def _speculative(model: SomaModel, prompt: Tensor, max_new_tokens: int) -> Generation:
+def _speculative(model: SomaModel, prompt: Tensor, max_new_tokens: int, vocab_ranges: dict[str, list[int]] | None = None) -> Generation:
     """Greedy self-speculative decoding. At the last accepted position t the main head gives token t+1
     (exact) and the last layer's H MTP heads draft t+2..t+1+H; one pass over those 1 + H tokens verifies the
     drafts against the main head's greedy choices, keeps the longest agreeing prefix (plus the main head's
-    token after it) and rolls the caches back to it."""
+    token after it) and rolls the caches back to it. Choices and drafts range over the emittable ids, as
+    in plain decoding."""
     heads = [m for m in model.encoder.modules() if isinstance(m, MTPHeads)]
     if not heads:
         raise UserError("speculative: the model has no in-block MTP heads (mtp_heads) to draft with")
@@ -424,12 +425,14 @@ def _speculative(model: SomaModel, prompt: Tensor, max_new_tokens: int) -> Gener
     if decoder.structure is not None:
         raise UserError("speculative: not supported for models with a structural attention bias (the structure scan cannot roll back)")
 
+    emittable = _emittable(model.predictor.out_features, vocab_ranges, prompt.device)
+
     def greedy_choices(logits: Tensor, predictions: list, last_only: bool) -> list[list[int]]:
         """[1 + H][n]: the main head's greedy ids and each MTP head's drafts at the pass's n positions (only
         its last for the prompt), in one transfer to the host."""
         at = slice(-1, None) if last_only else slice(None)
         drafts = model.predict(torch.stack([p.representations[0, at] for p in predictions[-horizons:]]))
-        return torch.cat([logits[:, at], drafts]).argmax(dim=-1).tolist()
+        return torch.cat([logits[:, at], drafts]).masked_fill(~emittable, float("-inf")).argmax(dim=-1).tolist()
 
     out = Generation(tokens=[[]], stop_reasons=["max_new_tokens"])
     choices = greedy_choices(*decoder.logits(prompt, mtp=True), last_only=True)

@@ -9,12 +9,13 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from soma_lightning import build_model, load_spec
 from soma_lightning.cli import main
 from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, LogitsProcessor, RegexConstraint, RepetitionPenalty
-from soma_lightning.data_modules.contract import EOS
+from soma_lightning.data_modules.contract import EOS, PAD
 from soma_lightning.data_modules.structure import StructureScanner, batch_structure, byte_structure
 from soma_lightning.errors import UserError
 from soma_lightning import generate as generation
@@ -353,6 +354,17 @@ def test_speculative_decoding_equals_greedy():
         generate(model, _prompt(2, 30), 4, speculative=True)
     with pytest.raises(UserError, match="no in-block MTP heads"):
         generate(_model("specs/quickstart.yaml"), prompt, 4, speculative=True)
+
+
+def test_speculative_decoding_emits_only_what_plain_decoding_may():
+    """A model whose main and MTP predictions all favour PAD: both decoders pass over it (it is never
+    emittable), so they still agree."""
+    model = _model("specs/hybrid_tiny.yaml")
+    model.predictor.register_forward_hook(lambda module, args, out: out + 50.0 * F.one_hot(torch.tensor(PAD), out.shape[-1]))
+    prompt = _prompt(1, 30)
+    plain = generate(model, prompt, 20)
+    assert PAD not in plain.tokens[0]
+    assert generate(model, prompt, 20, speculative=True).tokens == plain.tokens
 
 
 def test_generate_command_with_constraints_and_trace(tmp_path, capsys):
