@@ -2,6 +2,7 @@
 hyper-parameters; W&B through specs/loggers/wandb.yaml, offline."""
 
 import json
+import time
 from pathlib import Path
 
 import wandb
@@ -68,6 +69,19 @@ def _wandb_records(path: Path) -> list[Record]:
     return records
 
 
+def _finished_records(folder: Path, timeout_s: float = 60.0) -> list[Record]:
+    """The records of the one offline run in `folder`, once its run record is on disk: wandb's service
+    process may still be writing after wandb.finish() returns (seen once on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = list(folder.glob("offline-run-*/run-*.wandb"))
+        records = _wandb_records(runs[0]) if len(runs) == 1 and runs[0].stat().st_size >= 7 else []
+        if any(r.WhichOneof("record_type") == "run" for r in records) or time.monotonic() > deadline:
+            assert len(runs) == 1, runs
+            return records
+        time.sleep(0.5)
+
+
 def test_wandb_overlay_logs_offline_with_the_resolved_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
@@ -78,8 +92,7 @@ def test_wandb_overlay_logs_offline_with_the_resolved_config(tmp_path, monkeypat
     cli_main(["fit", "--config", str(_config(tmp_path)), "--config", str(REPO / "specs/loggers/wandb.yaml")])
     wandb.finish()  # what the CLI's process exit does
     assert (tmp_path / "runs/soma/version_0/metrics.csv").is_file()  # the spec's loggers stay
-    (run,) = (tmp_path / "runs/wandb").glob("offline-run-*")
-    records = _wandb_records(next(run.glob("run-*.wandb")))
+    records = _finished_records(tmp_path / "runs/wandb")
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run_record.project == "soma-lightning"
     config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
