@@ -2,7 +2,8 @@
 (constraints.py), per-token provenance traces, and self-speculative decoding with in-block MTP heads.
 
 Prompts and outputs are token ids of the V1 byte contract (data_modules/contract.py): bytes 0-255 and EOS;
-only those are ever emitted (PAD and unused ids are masked), and EOS ends a row.
+only those are ever emitted (PAD and unused ids are masked), and EOS ends a row. A model with a declared
+token space (`vocab_ranges`) may emit every id of it but PAD.
 
 MoE layers decode dropless: capacity-factor dropping depends on how many tokens share the forward pass
 (the capacity grows with the sequence), so a position's output would change as the sequence grows and a
