@@ -252,9 +252,10 @@ def _load_run(ckpt: str, which: str) -> tuple[Path, SomaLM]:
 
 
 def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: str = "auto") -> dict:
-    """Write a run's weights as one safetensors file: a .ckpt, or a sharded checkpoint folder (FSDP2,
-    FSDP1 or DeepSpeed ZeRO) consolidated. `layout`: canonical (SOMA V1's layout, 389 keys for the full model, F32), state_dict (the
-    model's own tensors with the resolved spec in the metadata), auto (canonical for a V1-shaped model)."""
+    """Write a run's weights as one safetensors file: a .ckpt, or a sharded checkpoint folder (FSDP2, FSDP1
+    or DeepSpeed ZeRO) consolidated. `layout`: canonical (SOMA V1's layout, 389 keys for the full model,
+    F32), state_dict (the model's own tensors with the resolved spec in the metadata), auto (canonical for a
+    V1-shaped model)."""
     path, module = _load_run(ckpt, which)
     canonical = layout == "canonical" or (layout == "auto" and is_v1(module.model))
     tensors = full_state(module.model)
