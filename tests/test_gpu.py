@@ -68,6 +68,23 @@ def test_moe_grouped_gemm_equals_loop_in_bf16():
     assert _rel(outs[1], outs[0]) < 1e-2
 
 
+
+@cuda
+def test_moe_grouped_forward_and_backward_never_wait_for_the_host():
+    from soma_lightning.nn.context import SequenceContext
+    from soma_lightning.nn.moe import MoE
+
+    x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ctx = SequenceContext(positions=torch.arange(512, device="cuda").expand(2, -1))
+    moe = MoE(256, 512, num_experts=16, top_k=2, impl="grouped").cuda().to(torch.bfloat16)
+    moe(x, ctx).sum().backward()  # first call outside the check: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (moe(x, ctx).float().sum() + moe.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 @cuda
 @pytest.mark.parametrize("resets", [False, True])
 def test_fla_gated_delta_rule_equals_the_torch_reference_values_and_gradients(resets):

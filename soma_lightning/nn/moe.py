@@ -114,17 +114,17 @@ class MoE(nn.Module):
             weight = weight / weight.sum(dim=-1, keepdim=True)
 
         expert_flat = expert.reshape(-1)  # assignment a = token * k + slot, in position-major order
-        assigned = torch.bincount(expert_flat, minlength=self.num_experts)
+        slots = expert_flat[:, None] == torch.arange(self.num_experts, device=x.device)  # [N * k, E]
+        assigned = slots.sum(dim=0)  # not bincount: on CUDA it reads the maximum back to the host
         kept = torch.argsort(expert_flat, stable=True)  # grouped by expert, earlier assignments first
         kept_counts = assigned
         keep = torch.ones_like(expert_flat, dtype=torch.bool)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * expert_flat.numel() / self.num_experts)
-            one_hot = F.one_hot(expert_flat, self.num_experts)
-            rank = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # earlier assignments rank first
+            rank = (slots.cumsum(dim=0) * slots).sum(dim=-1) - 1  # earlier assignments rank first
             keep = rank < capacity
             kept = kept[keep[kept]]
-            kept_counts = torch.bincount(expert_flat[keep], minlength=self.num_experts)
+            kept_counts = (slots & keep[:, None]).sum(dim=0)
         token = kept // self.top_k
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
