@@ -142,16 +142,27 @@ def _use_fla(impl: str, x: Tensor) -> bool:
     return impl == "fla" or (impl == "auto" and x.is_cuda and _fla_importable())
 
 
-def _fla_call(fn: Callable[..., tuple[Tensor, Tensor | None]], tensors: list[Tensor], resets: Tensor | None, **kwargs) -> Tensor:
-    """Run an fla op on [B, T, ...] tensors. With resets, every document becomes one of fla's variable-length
-    sequences: the batch is flattened to [1, B*T, ...] and cut at every row start and every reset."""
-    if resets is None:
-        return fn(*tensors, **kwargs)[0]
+def sequence_bounds(resets: Tensor) -> Tensor:
+    """[B, T] resets -> fla's `cu_seqlens` for the batch flattened to one row: every row start and every
+    reset, then B*T. Reading the bounds back synchronises with the host, so a caller that runs several fla
+    ops over the same documents computes them once and passes them on (fla also caches what it derives
+    from them by tensor identity)."""
     b, t = resets.shape
     starts = resets.clone()
     starts[:, 0] = True
     bounds = starts.flatten().nonzero().flatten()
-    cu_seqlens = torch.cat([bounds, bounds.new_tensor([b * t])])
+    return torch.cat([bounds, bounds.new_tensor([b * t])])
+
+
+def _fla_call(
+    fn: Callable[..., tuple[Tensor, Tensor | None]], tensors: list[Tensor], resets: Tensor | None, cu_seqlens: Tensor | None, **kwargs
+) -> Tensor:
+    """Run an fla op on [B, T, ...] tensors. With resets, every document becomes one of fla's variable-length
+    sequences (`sequence_bounds`, unless given as cu_seqlens)."""
+    if resets is None:
+        return fn(*tensors, **kwargs)[0]
+    b, t = resets.shape
+    cu_seqlens = sequence_bounds(resets) if cu_seqlens is None else cu_seqlens
     out = fn(*(x.flatten(0, 1).unsqueeze(0) for x in tensors), cu_seqlens=cu_seqlens, **kwargs)[0]
     return out.view(b, t, *out.shape[2:])
 
@@ -165,26 +176,30 @@ def gated_delta_rule(
     resets: Tensor | None = None,
     scale: float | None = None,
     impl: Literal["auto", "recurrent", "chunked", "fla"] = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """The gated delta rule -> [B, T, HV, V]. impl "auto": fla's chunked kernel on CUDA when fla imports,
-    the chunked PyTorch form otherwise."""
+    the chunked PyTorch form otherwise. cu_seqlens: `sequence_bounds(resets)` if the caller has it."""
     if _use_fla(impl, q):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        return _fla_call(chunk_gated_delta_rule, [q, k, v, g, beta], resets, scale=scale, use_qk_l2norm_in_kernel=True)
+        return _fla_call(chunk_gated_delta_rule, [q, k, v, g, beta], resets, cu_seqlens, scale=scale, use_qk_l2norm_in_kernel=True)
     if impl == "recurrent":
         return gated_delta_rule_recurrent(q, k, v, g, beta, resets, scale)
     return gated_delta_rule_chunked(q, k, v, g, beta, resets, scale)
 
 
-def short_conv(x: Tensor, weight: Tensor, resets: Tensor | None = None, impl: Literal["auto", "torch", "fla"] = "auto") -> Tensor:
+def short_conv(
+    x: Tensor, weight: Tensor, resets: Tensor | None = None, impl: Literal["auto", "torch", "fla"] = "auto", cu_seqlens: Tensor | None = None
+) -> Tensor:
     """Causal depthwise convolution, then SiLU: x [B, T, C], weight [C, W] -> [B, T, C]. weight[:, -1]
     multiplies the current token, weight[:, -1 - s] the token s back; tokens before the start or of an
-    earlier document count as zero. impl "auto": fla's kernel on CUDA when fla imports."""
+    earlier document count as zero. impl "auto": fla's kernel on CUDA when fla imports (cu_seqlens as for
+    `gated_delta_rule`)."""
     if _use_fla(impl, x):
         from fla.modules.causal_conv1d import causal_conv1d
 
-        return _fla_call(causal_conv1d, [x], resets, weight=weight, activation="silu")
+        return _fla_call(causal_conv1d, [x], resets, cu_seqlens, weight=weight, activation="silu")
     t = x.shape[1]
     position = torch.arange(t, device=x.device)
     start = torch.where(resets, position, 0).cummax(dim=1).values if resets is not None else 0

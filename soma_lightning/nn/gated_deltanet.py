@@ -12,17 +12,25 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import DecodeState, RecurrentCache
-from soma_lightning.nn.delta_rule import CHUNK_SIZE, gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent, short_conv
+from soma_lightning.nn.delta_rule import (
+    CHUNK_SIZE,
+    gated_delta_rule,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+    sequence_bounds,
+    short_conv,
+)
 
 
-def document_resets(ctx: SequenceContext) -> Tensor | None:
-    """[B, T] bool, True where a new document starts (never at position 0); None without document ids.
-    Built once per forward pass and shared by all layers through ctx.cache."""
+def document_resets(ctx: SequenceContext) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """[B, T] bool, True where a new document starts (never at position 0), and their `sequence_bounds`;
+    None, None without document ids. Built once per forward pass and shared by all layers through ctx.cache."""
     if ctx.doc_ids is None:
-        return None
+        return None, None
     if "delta_resets" not in ctx.cache:
         doc = ctx.doc_ids
-        ctx.cache["delta_resets"] = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0))
+        resets = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0))
+        ctx.cache["delta_resets"] = resets, sequence_bounds(resets)
     return ctx.cache["delta_resets"]
 
 
@@ -89,9 +97,10 @@ class GatedDeltaNet(nn.Module):
         beta = self.b_proj(x).sigmoid()
         g = -self.A_log.exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
         if ctx.decode is None:
-            resets = document_resets(ctx)
+            resets, bounds = document_resets(ctx)
             conv_impl = self.impl if self.impl in ("auto", "fla") else "torch"
-            o = gated_delta_rule(*self._heads(short_conv(inputs, self.conv, resets, conv_impl)), g, beta, resets, impl=self.impl)
+            q, k, v = self._heads(short_conv(inputs, self.conv, resets, conv_impl, cu_seqlens=bounds))
+            o = gated_delta_rule(q, k, v, g, beta, resets, impl=self.impl, cu_seqlens=bounds)
         else:
             o = self._continue(inputs, g, beta, ctx.decode)
         # The norm's weight in o's dtype: under autocast o is bf16, and a float32 weight would miss the fused kernel.
