@@ -8,11 +8,14 @@
    Batch sizes are chosen so that fla's tilelang backward (Hopper) compiles few kernels: it compiles one per
    batch size and head layout, taking 1-2 minutes each.
 2. Our Gated DeltaNet layer vs flash-linear-attention's own `GatedDeltaNet` layer at the same dimensions
-   (sigmoid output gate, 4-tap convolution, GVA).
+   (sigmoid output gate, 4-tap convolution, GVA): ROUNDS rounds, each timing ours then theirs, so that the
+   machine's drift falls on both; the medians, and the spread of the per-round ratios. --profile: CUDA
+   kernel time per step of both layers at the longest length.
 """
 
 import argparse
 import json
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +25,10 @@ from soma_lightning.nn.delta_rule import gated_delta_rule
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 
-from timing import timed_ms
+from timing import PROFILED_STEPS, kernel_profile, timed_ms
 
 TOKENS = 32768
+ROUNDS = 5
 
 
 def layer_step(layer, x: torch.Tensor, ctx: SequenceContext | None):
@@ -65,7 +69,7 @@ def mixers(d: int, heads: int, head_dim: int, steps: int) -> list[dict]:
     return rows
 
 
-def against_fla(d: int, heads: int, head_dim: int, steps: int) -> list[dict]:
+def against_fla(d: int, heads: int, head_dim: int, steps: int, profile: bool = False) -> list[dict]:
     from fla.layers import GatedDeltaNet as FlaGatedDeltaNet
 
     rows = []
@@ -77,9 +81,22 @@ def against_fla(d: int, heads: int, head_dim: int, steps: int) -> list[dict]:
         theirs = FlaGatedDeltaNet(hidden_size=d, expand_v=1, head_dim=head_dim, num_heads=heads // 2, num_v_heads=heads,
                                   use_gate=True, output_gate_activation="sigmoid", conv_size=4, norm_eps=1e-6).cuda()
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-        t_ours, t_theirs = timed_ms(layer_step(ours, x, ctx), steps), timed_ms(layer_step(theirs, x, None), steps)
-        rows.append({"seq_len": seq_len, "batch": batch, "ours_ms": t_ours, "fla_ms": t_theirs, "ratio": t_ours / t_theirs,
-                     "ours_params": n_ours, "fla_params": n_theirs})
+        steps_of = {"ours": layer_step(ours, x, ctx), "fla": layer_step(theirs, x, None)}
+        times = {name: [] for name in steps_of}
+        for _ in range(ROUNDS):
+            for name, step in steps_of.items():
+                times[name].append(timed_ms(step, steps))
+        ratios = [a / b for a, b in zip(times["ours"], times["fla"])]
+        rows.append({"seq_len": seq_len, "batch": batch, "ours_ms": statistics.median(times["ours"]), "fla_ms": statistics.median(times["fla"]),
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                     "ours_params": n_ours, "fla_params": n_theirs, "rounds": times})
+        if profile and seq_len == 32768:
+            for name, step in steps_of.items():
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+                    for _ in range(PROFILED_STEPS):
+                        step()
+                    torch.cuda.synchronize()
+                rows[-1][f"{name}_profile"] = kernel_profile(f"{name} at {seq_len}", profiler)
     return rows
 
 
@@ -91,6 +108,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--parts", default="mixers,against_fla", help="comma-separated: mixers, against_fla")
     p.add_argument("--out", default="hybrid.json")
+    p.add_argument("--profile", action="store_true", help="against_fla: kernel profile of both layers at 32K")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name(), "d_model": args.d_model, "heads": args.heads, "head_dim": args.head_dim}
 
@@ -102,10 +120,12 @@ def main() -> None:
         for r in result["mixers"]:
             print(f"{r['seq_len']:6d} {r['batch']:5d} {r['gdn_layer_ms']:10.2f} {r['attention_layer_ms']:10.2f} {r['delta_rule_op_ms']:9.2f} {r['sdpa_op_ms']:8.2f}")
     if "against_fla" in parts:
-        result["against_fla"] = against_fla(args.d_model, args.heads, args.head_dim, args.steps)
-        print(f"\n{'seq':>6} {'batch':>5} {'ours ms':>8} {'fla ms':>8} {'ours/fla':>8} {'params ours/fla':>18}")
+        result["against_fla"] = against_fla(args.d_model, args.heads, args.head_dim, args.steps, args.profile)
+        print(f"\nmedians of {ROUNDS} interleaved rounds")
+        print(f"{'seq':>6} {'batch':>5} {'ours ms':>8} {'fla ms':>8} {'ours/fla':>8} {'ratio range':>12} {'params ours/fla':>18}")
         for r in result["against_fla"]:
-            print(f"{r['seq_len']:6d} {r['batch']:5d} {r['ours_ms']:8.2f} {r['fla_ms']:8.2f} {r['ratio']:8.2f} {r['ours_params']:>9}/{r['fla_params']}")
+            spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+            print(f"{r['seq_len']:6d} {r['batch']:5d} {r['ours_ms']:8.2f} {r['fla_ms']:8.2f} {r['ratio']:8.2f} {spread:>12} {r['ours_params']:>9}/{r['fla_params']}")
     json.dump(result, open(args.out, "w"), indent=1)
 
 

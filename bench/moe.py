@@ -2,12 +2,15 @@
 
     python bench/moe.py --out moe.json
 
-1. MoE layer forward+backward (bf16): grouped GEMM vs the per-expert loop, 8 and 16 experts, with a check
-   that both compute the same outputs.
+1. MoE layer forward+backward (bf16): grouped GEMM vs the per-expert loop, 8 and 16 experts, both eager,
+   and the grouped arm compiled, with a check that all compute the same outputs. --profile: CUDA kernel
+   time per step of each arm at 8 experts and 4K tokens, next to the wall time (kernel time well under wall
+   time: the step is host-bound).
 2. Whole model: specs/gpt5_moe.yaml training tokens/s vs a dense model of the same active parameter count
    (a GELU MLP as wide as two experts) and the same attention.
 3. Long context: training tokens/s and peak memory at 8K and 32K tokens, local+global vs full causal, for
-   the whole model and for the attention op alone.
+   the whole model (as specified, and with the structural bias off in both arms) and for the attention op
+   alone.
 Training steps are bf16 autocast + fused AdamW over the model and CE loss on tiny-Shakespeare windows with
 their structure (the objective's SIGReg term and Lightning are left out: they are the same for both arms and
 measured in bench/compare.py).
@@ -26,30 +29,41 @@ from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
 
-from timing import timed, timed_ms
+from timing import PROFILED_STEPS, kernel_profile, timed, timed_ms
 
 
-def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int) -> list[dict]:
+def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int, profile: bool = False) -> list[dict]:
+    """Both arms eager, and the grouped arm compiled too ("grouped, compiled": what `--model.compile true`
+    runs; the loop reads counts back to the host, so it has no compiled form worth timing)."""
     rows = []
     for tokens, experts in ((t, e) for t in token_counts for e in (8, 16)):
         torch.manual_seed(0)
         x = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         ctx = SequenceContext(positions=torch.arange(tokens, device="cuda")[None])
         outputs, times = {}, {}
-        for impl in ("loop", "grouped"):
+        for arm in ("loop", "grouped", "grouped, compiled"):
             torch.manual_seed(1)
-            moe = MoE(d, hidden, num_experts=experts, top_k=2, impl=impl).cuda().to(torch.bfloat16)
+            moe = MoE(d, hidden, num_experts=experts, top_k=2, impl=arm.split(",")[0]).cuda().to(torch.bfloat16)
+            run = torch.compile(moe) if arm.endswith("compiled") else moe
 
             def step():
-                y = moe(x, ctx)
+                y = run(x, ctx)
                 (y.float().square().mean() + moe.aux_loss).backward()
                 return y
 
-            outputs[impl] = step().detach().float()
-            times[impl] = timed(step, steps, 3)
-        err = ((outputs["grouped"] - outputs["loop"]).norm() / outputs["loop"].norm()).item()
+            outputs[arm] = step().detach().float()
+            times[arm] = timed(step, steps, 3)
+            if profile and (tokens, experts) == (token_counts[0], 8):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+                    for _ in range(PROFILED_STEPS):
+                        step()
+                    torch.cuda.synchronize()
+                print(f"\n{arm}, {experts} experts, {tokens} tokens: wall {times[arm] * 1e3:.2f} ms per step")
+                kernel_profile(arm, profiler)
+        err = max(((outputs[arm] - outputs["loop"]).norm() / outputs["loop"].norm()).item() for arm in outputs)
         rows.append({"experts": experts, "tokens": tokens, "loop_ms": times["loop"] * 1e3, "grouped_ms": times["grouped"] * 1e3,
-                     "speedup": times["loop"] / times["grouped"], "rel_err": err})
+                     "grouped_compiled_ms": times["grouped, compiled"] * 1e3, "speedup": times["loop"] / times["grouped"],
+                     "speedup_compiled": times["loop"] / times["grouped, compiled"], "rel_err": err})
     return rows
 
 
@@ -122,15 +136,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--parts", default="layer,model,long_context,attention_op", help="comma-separated: layer, model, long_context, attention_op")
     p.add_argument("--out", default="moe.json")
+    p.add_argument("--profile", action="store_true", help="layer part: kernel profile of both arms at 8 experts, 4K tokens")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name()}
     parts = args.parts.split(",")
     moe = load_spec(args.config)
     if "layer" in parts:
-        result["moe_layer"] = moe_layers((4096, 16384), d=1024, hidden=2048, steps=args.steps)
-        print(f"{'experts':>7} {'tokens':>7} {'loop ms':>8} {'grouped ms':>10} {'speedup':>8} {'rel err':>8}")
+        result["moe_layer"] = moe_layers((4096, 16384), d=1024, hidden=2048, steps=args.steps, profile=args.profile)
+        print(f"\n{'experts':>7} {'tokens':>7} {'loop ms':>8} {'grouped ms':>10} {'speedup':>8} {'compiled ms':>11} {'speedup':>8} {'rel err':>8}")
         for r in result["moe_layer"]:
-            print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} {r['rel_err']:8.1e}")
+            print(f"{r['experts']:7d} {r['tokens']:7d} {r['loop_ms']:8.2f} {r['grouped_ms']:10.2f} {r['speedup']:8.2f} "
+                  f"{r['grouped_compiled_ms']:11.2f} {r['speedup_compiled']:8.2f} {r['rel_err']:8.1e}")
     if "model" in parts:
         mixer_ffn = moe.blocks["layer"][1]["ffn"]  # the MoE of the spec's first block
         dense = with_ffn(moe, {"type": "gelu_mlp", "hidden_dim": mixer_ffn["top_k"] * 3 * mixer_ffn["hidden_dim"] // 2})
@@ -141,16 +157,18 @@ def main() -> None:
         print(f"moe / dense tokens/s: {result['model']['moe']['tokens_per_s'] / result['model']['dense, same active']['tokens_per_s']:.2f}")
     if "long_context" in parts:
         result["long_context"] = []
-        print(f"\n{'context':>7} {'attention':14} {'tokens/s':>9} {'peak GiB':>8}")
-        for seq_len, batch in ((8192, 4), (32768, 1)):
-            for name, arch in (("local+global", moe), ("full causal", with_attention(moe, window=None, global_stride=None))):
-                try:
-                    r = train_step_rate(arch, batch, seq_len, max(3, args.steps // 2), doc_ids=False)
-                except torch.OutOfMemoryError:
-                    r = {"tokens_per_s": 0.0, "peak_gib": float("nan"), "oom": True}
-                    torch.cuda.empty_cache()
-                result["long_context"].append({"seq_len": seq_len, "batch": batch, "attention": name, **r})
-                print(f"{seq_len:7d} {name:14} {r['tokens_per_s']:9.0f} {r['peak_gib']:8.1f}")
+        print(f"\n{'context':>7} {'attention':14} {'structural bias':>15} {'tokens/s':>9} {'peak GiB':>8}")
+        for structure in (True, False):
+            spec = moe if structure else with_attention(moe, structure_buckets=None)
+            for seq_len, batch in ((8192, 4), (32768, 1)):
+                for name, arch in (("local+global", spec), ("full causal", with_attention(spec, window=None, global_stride=None))):
+                    try:
+                        r = train_step_rate(arch, batch, seq_len, max(3, args.steps // 2), doc_ids=False)
+                    except torch.OutOfMemoryError:
+                        r = {"tokens_per_s": 0.0, "peak_gib": float("nan"), "oom": True}
+                        torch.cuda.empty_cache()
+                    result["long_context"].append({"seq_len": seq_len, "batch": batch, "attention": name, "structural_bias": structure, **r})
+                    print(f"{seq_len:7d} {name:14} {'as specified' if structure else 'off':>15} {r['tokens_per_s']:9.0f} {r['peak_gib']:8.1f}")
     if "attention_op" in parts:
         result["attention_op_ms"] = {t: attention_ops(t, args.steps) for t in (8192, 32768)}
         print(f"\n{'context':>7} {'attention op fwd+bwd':24} {'ms':>8}")

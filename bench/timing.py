@@ -22,3 +22,28 @@ def timed(fn: Callable[[], object], steps: int, warmup: int = 3, device: str | t
 def timed_ms(fn: Callable[[], object], steps: int, warmup: int = 3, device: str | torch.device = "cuda") -> float:
     """`timed` in milliseconds."""
     return timed(fn, steps, warmup, device) * 1e3
+
+
+PROFILED_STEPS = 3
+KERNEL_KINDS = {  # first match wins, on the lower-cased kernel name
+    "attention": ("flash", "fmha", "attention"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_"),
+    "optimizer": ("adam", "multi_tensor"),
+    "compiled (triton)": ("triton",),
+}
+
+
+def kernel_profile(name: str, profiler: torch.profiler.profile) -> dict:
+    """CUDA kernel time per step (over PROFILED_STEPS profiled steps) by kind, and the top kernels; printed
+    and returned."""
+    kernels = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = next((k for k, keys in KERNEL_KINDS.items() if any(key in e.key.lower() for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / PROFILED_STEPS
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    print(f"\n{name}: CUDA ms per step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for e in top:
+        print(f"  {e.self_device_time_total / 1e3 / PROFILED_STEPS:8.2f} ms  x{e.count // PROFILED_STEPS:4d}  {e.key[:110]}")
+    return {"ms_per_step_by_kind": by_kind, "top": [{"kernel": e.key, "ms_per_step": e.self_device_time_total / 1e3 / PROFILED_STEPS,
+                                                  "calls_per_step": e.count / PROFILED_STEPS} for e in top]}
