@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from soma_lightning.data_modules.contract import PAD
+from soma_lightning.float8 import convert_blocks_to_float8, require_torchao
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
@@ -63,9 +64,10 @@ class SomaLM(L.LightningModule):
     Every micro-batch reseeds torch's generators from (noise_seed, step, micro-batch, rank), so dropout
     masks are a function of the data position and a resumed run draws the same ones.
     `activation_checkpointing`: recompute each block in backward instead of keeping its activations.
-    `compile`: torch.compile each block. Both are applied in `configure_model`, before a strategy shards
-    the model (FSDP2 through ModelParallelStrategy: one `fully_shard` unit per block, then the root), so
-    they work the same under every strategy."""
+    `compile`: torch.compile each block. `float8`: the blocks' Linear layers compute in float8 through
+    torchao (soma_lightning/float8.py). All three are applied in `configure_model` (float8 first, as
+    torchtitan orders them), before a strategy shards the model (FSDP2 through ModelParallelStrategy: one
+    `fully_shard` unit per block, then the root), so they work the same under every strategy."""
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class SomaLM(L.LightningModule):
         init_weights: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        float8: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(arch, dict):  # hyper-parameters read back from a checkpoint
@@ -83,10 +86,12 @@ class SomaLM(L.LightningModule):
         # logger=False: the CLI logs the whole resolved config as the hyper-parameters instead (cli.LogConfigCallback)
         self.save_hyperparameters({
             "arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed, "init_weights": init_weights,
-            "activation_checkpointing": activation_checkpointing, "compile": compile,
+            "activation_checkpointing": activation_checkpointing, "compile": compile, "float8": float8,
         }, logger=False)
         self.arch, self.sigreg, self.optim, self.noise_seed = arch, sigreg, optim, noise_seed
-        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+        self.activation_checkpointing, self.compile_blocks, self.float8 = activation_checkpointing, compile, float8
+        if float8:
+            require_torchao()
         self.model = build_model(arch)
         if init_weights is not None:
             load_canonical(self.model, read_canonical(init_weights), init_weights)
@@ -97,11 +102,14 @@ class SomaLM(L.LightningModule):
         return self.model(tokens, positions)
 
     def configure_model(self) -> None:
-        """Activation checkpointing, then torch.compile per block, then FSDP2 sharding when the strategy
-        provides a device mesh (the order torchtitan uses). Lightning may call this more than once."""
+        """float8 Linear layers, activation checkpointing, then torch.compile per block, then FSDP2 sharding
+        when the strategy provides a device mesh (the order torchtitan uses). Lightning may call this more
+        than once."""
         if getattr(self, "_configured", False):
             return
         self._configured = True
+        if self.float8:
+            convert_blocks_to_float8(self.model)
         self.model.encoder.activation_checkpointing = self.activation_checkpointing
         if self.compile_blocks:
             for layer in self.model.encoder.layers:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from soma_lightning.cli import cli_main, main
+from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.spec import spec_from_dict
 from conftest import run_config, tiny_v1_arch, train_losses
@@ -226,3 +227,29 @@ def test_per_block_compile_matches_eager():
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     for g, g_c in zip(grads, grads_c, strict=True):
         torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-6)
+
+
+def test_float8_swaps_the_block_linears_and_trains_close_to_float32():
+    """torchao's float8 Linear runs on CPU too (slowly): the blocks' Linear layers are swapped, the state-dict
+    keys stay, and loss and gradients move by float8 rounding (e4m3 keeps 3 mantissa bits), not more."""
+    tokens = torch.randint(0, 256, (2, 24))
+    loss, grads = _loss_and_grads(_module(dropout=0.0), tokens)
+    module = _module(dropout=0.0, float8=True)
+    keys = list(module.state_dict())
+    loss8, grads8 = _loss_and_grads(module, tokens)
+    swapped = [name for name, m in module.model.named_modules() if type(m).__name__ == "Float8Linear"]  # not public in torchao
+    assert len(swapped) == 2 * 4 + 2 * 2  # per block: q, k, v, out projections and the MLP's two layers
+    assert all(name.startswith("encoder.layers.") for name in swapped)
+    assert list(module.state_dict()) == keys
+    assert loss8 != loss  # float8 arithmetic ran
+    torch.testing.assert_close(loss8, loss, rtol=2e-3, atol=0)
+    for g, g8 in zip(grads, grads8, strict=True):
+        assert ((g8 - g).norm() / g.norm()).item() < 0.15
+
+
+def test_float8_without_torchao_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(UserError, match=r"model.float8: needs torchao .*pip install 'soma-lightning\[float8\]'"):
+        _module(float8=True)
+
