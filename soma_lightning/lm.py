@@ -54,20 +54,29 @@ class OptimConfig:
 
 
 class SomaLM(L.LightningModule):
-    """`arch` is the model spec; the objective is CE over non-PAD targets + sigreg.coefficient * SIGReg on the
-    final representations. Training noise for step s is N(0,1) from torch's generator seeded with
-    noise_seed + s. Validation noise for batch b is the canonical scorer's (soma-arrgen, noise_seed + b), so
-    that `val/onchain_loss` is the loss `soma-lightning score` reports for the val split (one device,
-    val_seq_len 1024 and val_batch_size 16, as the scorer). `init_weights`: a canonical V1 safetensors
-    file to start from.
+    """A SOMA-family language model and its objective: CE over non-PAD targets + sigreg.coefficient *
+    SIGReg on the final representations.
 
     Every micro-batch reseeds torch's generators from (noise_seed, step, micro-batch, rank), so dropout
-    masks are a function of the data position and a resumed run draws the same ones.
-    `activation_checkpointing`: recompute each block in backward instead of keeping its activations.
-    `compile`: torch.compile each block. `float8`: the blocks' Linear layers compute in float8 through
-    torchao (soma_lightning/float8.py). All three are applied in `configure_model` (float8 first, as
-    torchtitan orders them), before a strategy shards the model (FSDP2 through ModelParallelStrategy: one
-    `fully_shard` unit per block, then the root), so they work the same under every strategy."""
+    masks are a function of the data position and a resumed run draws the same ones. Activation
+    checkpointing, compile and float8 are applied in `configure_model` (float8 first, as torchtitan orders
+    them), before a strategy shards the model (FSDP2 through ModelParallelStrategy: one `fully_shard` unit
+    per block, then the root), so they work the same under every strategy.
+
+    Args:
+        arch: the model spec (the `arch` mapping of a spec file).
+        sigreg: the SIGReg term of the objective.
+        optim: AdamW and its learning-rate schedule.
+        noise_seed: training noise for step s is N(0, 1) from torch's generator seeded with noise_seed + s;
+            validation noise for batch b is the canonical scorer's (soma-arrgen, noise_seed + b), so that
+            val/onchain_loss is the loss `soma-lightning score` reports for the val split (one device,
+            val_seq_len 1024, val_batch_size 16).
+        init_weights: a canonical V1 safetensors file to start from.
+        activation_checkpointing: recompute each block in backward instead of keeping its activations.
+        compile: torch.compile each block.
+        float8: the blocks' Linear layers compute in float8 through torchao (soma_lightning/float8.py;
+            needs the float8 extra).
+    """
 
     def __init__(
         self,
