@@ -152,9 +152,24 @@ class ByteCorpus(L.LightningDataModule):
     Train/val: separate sources (`val_source`), or the last `val_fraction` of the source's token stream (the
     split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`; validation and test cut
     their stream into the V1 contract's non-overlapping chunks of `val_seq_len`, batches of `val_batch_size`.
-    `doc_ids`: batches also carry each position's document index (documents are joined by EOS), so that
-    attention stays inside a document; `structure`: each position's enclosing spans (data_modules/structure.py)
-    for the structural attention bias.
+
+    Args:
+        source: a file, a directory, a glob or a local HF dataset; null: the shipped tiny Shakespeare.
+        val_source: the validation text; null: the last val_fraction of source.
+        test_source: the test text, for `soma-lightning test`.
+        val_fraction: the share of source's stream held out for validation when val_source is null.
+        hf_format: read source as an HF dataset of this format (text, json, parquet).
+        text_column: the column holding the text in an HF dataset.
+        seq_len: training window length, in tokens.
+        batch_size: training windows per batch (per device).
+        val_seq_len: validation and test chunk length, in tokens.
+        val_batch_size: validation and test chunks per batch.
+        seed: seeds the training windows' positions (batch b draws from (seed, b)).
+        num_workers: DataLoader worker processes.
+        doc_ids: batches also carry each position's document index (documents are joined by EOS), so that
+            attention stays inside a document.
+        structure: batches also carry each position's enclosing spans (data_modules/structure.py), for the
+            structural attention bias.
     """
 
     def __init__(
