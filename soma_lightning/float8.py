@@ -23,12 +23,9 @@ def _eligible(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def convert_blocks_to_float8(model: SomaModel) -> int:
-    """Swap the eligible Linear layers of the model's blocks for torchao's Float8Linear, in place; returns
-    how many were swapped."""
+def convert_blocks_to_float8(model: SomaModel) -> None:
+    """Swap the eligible Linear layers of the model's blocks for torchao's Float8Linear, in place."""
     require_torchao()
     from torchao.float8 import convert_to_float8_training
 
-    swapped = sum(_eligible(m, name) for name, m in model.encoder.named_modules())
     convert_to_float8_training(model.encoder, module_filter_fn=_eligible)
-    return swapped
