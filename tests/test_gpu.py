@@ -68,7 +68,6 @@ def test_moe_grouped_gemm_equals_loop_in_bf16():
     assert _rel(outs[1], outs[0]) < 1e-2
 
 
-
 @cuda
 def test_moe_grouped_forward_and_backward_never_wait_for_the_host():
     from soma_lightning.nn.context import SequenceContext
@@ -84,6 +83,7 @@ def test_moe_grouped_forward_and_backward_never_wait_for_the_host():
         (moe(x, ctx).float().sum() + moe.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
 
 @cuda
 @pytest.mark.parametrize("resets", [False, True])

@@ -252,4 +252,3 @@ def test_float8_without_torchao_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(UserError, match=r"model.float8: needs torchao .*pip install 'soma-lightning\[float8\]'"):
         _module(float8=True)
-
