@@ -25,7 +25,7 @@ from soma_lightning.nn.delta_rule import gated_delta_rule
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 
-from timing import PROFILED_STEPS, kernel_profile, timed_ms
+from timing import kernel_profile, profile_steps, timed_ms
 
 TOKENS = 32768
 ROUNDS = 5
@@ -92,11 +92,7 @@ def against_fla(d: int, heads: int, head_dim: int, steps: int, profile: bool = F
                      "ours_params": n_ours, "fla_params": n_theirs, "rounds": times})
         if profile and seq_len == 32768:
             for name, step in steps_of.items():
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-                    for _ in range(PROFILED_STEPS):
-                        step()
-                    torch.cuda.synchronize()
-                rows[-1][f"{name}_profile"] = kernel_profile(f"{name} at {seq_len}", profiler)
+                rows[-1][f"{name}_profile"] = kernel_profile(f"{name} at {seq_len}", profile_steps(step))
     return rows
 
 

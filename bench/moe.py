@@ -29,7 +29,7 @@ from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
 
-from timing import PROFILED_STEPS, kernel_profile, timed, timed_ms
+from timing import kernel_profile, profile_steps, timed, timed_ms
 
 
 def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int, profile: bool = False) -> list[dict]:
@@ -54,12 +54,8 @@ def moe_layers(token_counts: tuple[int, ...], d: int, hidden: int, steps: int, p
             outputs[arm] = step().detach().float()
             times[arm] = timed(step, steps, 3)
             if profile and (tokens, experts) == (token_counts[0], 8):
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-                    for _ in range(PROFILED_STEPS):
-                        step()
-                    torch.cuda.synchronize()
                 print(f"\n{arm}, {experts} experts, {tokens} tokens: wall {times[arm] * 1e3:.2f} ms per step")
-                kernel_profile(arm, profiler)
+                kernel_profile(arm, profile_steps(step))
         err = max(((outputs[arm] - outputs["loop"]).norm() / outputs["loop"].norm()).item() for arm in outputs)
         rows.append({"experts": experts, "tokens": tokens, "loop_ms": times["loop"] * 1e3, "grouped_ms": times["grouped"] * 1e3,
                      "grouped_compiled_ms": times["grouped, compiled"] * 1e3, "speedup": times["loop"] / times["grouped"],
@@ -136,7 +132,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--parts", default="layer,model,long_context,attention_op", help="comma-separated: layer, model, long_context, attention_op")
     p.add_argument("--out", default="moe.json")
-    p.add_argument("--profile", action="store_true", help="layer part: kernel profile of both arms at 8 experts, 4K tokens")
+    p.add_argument("--profile", action="store_true", help="layer part: kernel profile of each arm at 8 experts, 4K tokens")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name()}
     parts = args.parts.split(",")

@@ -33,6 +33,15 @@ KERNEL_KINDS = {  # first match wins, on the lower-cased kernel name
 }
 
 
+def profile_steps(fn: Callable[[], object]) -> torch.profiler.profile:
+    """PROFILED_STEPS calls of `fn` under torch.profiler (CUDA kernels), for `kernel_profile`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(PROFILED_STEPS):
+            fn()
+        torch.cuda.synchronize()
+    return profiler
+
+
 def kernel_profile(name: str, profiler: torch.profiler.profile) -> dict:
     """CUDA kernel time per step (over PROFILED_STEPS profiled steps) by kind, and the top kernels; printed
     and returned."""
