@@ -113,7 +113,8 @@ def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | N
     intervals), so the score reads q's span starts and k's depth only. The table is read through
     BIAS_REPLICAS copies: their gradients sum into it, spreading the atomic adds of the backward pass."""
     t, levels = structure.shape[1], structure.shape[2]
-    depth = (structure >= 0).sum(-1)
+    structure = structure.int()  # int32 index arithmetic: with int64 the forward kernel ran 1.4x slower on an H100
+    depth = (structure >= 0).sum(-1, dtype=torch.int32)
     g = _global_slots(t, global_stride) if global_stride is not None else 0
     copies = table.unsqueeze(-1).expand(*table.shape, BIAS_REPLICAS)
 
@@ -130,13 +131,28 @@ def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | N
     return score_mod
 
 
+# Backward tiles for bf16 at head dim 64 on Hopper, the best of a grid of nine on an H100 (`python bench/moe.py
+# --parts attention_op` compares them with inductor's defaults). Not for score_mods: the structural bias is
+# bound by its gradient's atomic adds, and ran slower with these tiles.
+HOPPER_HEAD_DIM_64_TILES = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}
+
+
+def default_kernel_options(q: Tensor, score_mod) -> dict | None:
+    """HOPPER_HEAD_DIM_64_TILES where they were measured faster, else None (inductor's defaults)."""
+    measured = q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 64 and score_mod is None
+    return HOPPER_HEAD_DIM_64_TILES if measured and torch.cuda.get_device_capability(q.device) == (9, 0) else None
+
+
 def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: dict | None = None) -> Tensor:
+    """FlexAttention, compiled on CUDA. `kernel_options` None takes `default_kernel_options`."""
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     if q.is_cuda and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     run = _compiled_flex if q.is_cuda else flex_attention
+    if kernel_options is None:
+        kernel_options = default_kernel_options(q, score_mod)
     return run(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options)
 
 
