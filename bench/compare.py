@@ -9,7 +9,8 @@ All runs: the same batches of tiny-Shakespeare windows, bf16 autocast, fused Ada
 its pretrain script does). Dropout is set to `--dropout` everywhere (litgpt's GPT has none). Prints a table
 (tokens/s, TFLOP/s, MFU against the GPU's dense bf16 peak, peak memory) and writes JSON. FLOPs per token:
 the spec's analytic count (soma_lightning.measure), and the 6N + 12*L*D*T convention for comparison with
-published MFU figures.
+published MFU figures. `--runs trainer_float8` is the Trainer path with `--model.float8 true` (torchao's
+float8 Linear layers; needs the float8 extra and an H100).
 """
 
 import argparse
@@ -17,6 +18,7 @@ import json
 import math
 import time
 from dataclasses import replace
+from functools import partial
 
 import lightning as L
 import torch
@@ -44,14 +46,14 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def lightning_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False) -> Run:
-    """The Trainer path (not profiled: the plain loop runs the same module)."""
+def lightning_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False, float8: bool = False) -> Run:
+    """The Trainer path (not profiled: the plain loop runs the same module); `float8` as `--model.float8 true`."""
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
-    trainer.fit(SomaLM(spec, compile=compile), datamodule=data)
+    trainer.fit(SomaLM(spec, compile=compile, float8=float8), datamodule=data)
     return timer.times, None
 
 
@@ -134,7 +136,11 @@ def litgpt_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool 
     return _loop(model, loss_of, data, steps, profile)
 
 
-RUNS = {"trainer": ("soma-lightning Trainer", lightning_run), "plain": ("plain PyTorch loop", plain_run), "litgpt": ("litgpt GPT", litgpt_run)}
+RUNS = {
+    "trainer": ("soma-lightning Trainer", lightning_run),
+    "trainer_float8": ("soma-lightning, float8", partial(lightning_run, float8=True)),
+    "plain": ("plain PyTorch loop", plain_run), "litgpt": ("litgpt GPT", litgpt_run),
+}
 
 
 def summarize(name: str, times: list[float], tokens_per_step: int, flops: dict[str, float], peak: float | None, warmup: int) -> dict:
