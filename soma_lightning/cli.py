@@ -92,6 +92,22 @@ class SomaCLI(LightningCLI):
             }
         )
 
+    def before_instantiate_classes(self) -> None:
+        """DeepSpeed's two requirements, which Lightning reports only as a nested type error (deepspeed not
+        installed) or once fit has started (on a CPU)."""
+        trainer = self._get(self.config, "trainer")
+        strategy = trainer.get("strategy")
+        name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
+        if "deepspeed" not in name.lower():
+            return
+        accelerator = trainer.get("accelerator")
+        if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+            raise UserError(f"trainer.strategy: {name} runs on CUDA GPUs only, but trainer.accelerator is {accelerator} and resolves to the CPU")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"trainer.strategy: {name} needs the deepspeed extra ({e}); pip install 'soma-lightning[deepspeed]'") from None
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Every run also gets PreemptionCheckpoint, RunInfo, and LearningRateMonitor when it has a logger (not
         configurable, so never duplicated by a spec); the loggers share one version directory. Lightning rejects

@@ -126,6 +126,20 @@ def test_unknown_strategy_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.startswith("soma-lightning: error: trainer: ")
 
 
+@pytest.mark.parametrize("overlay", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_on_the_cpu_or_without_the_extra_is_a_one_line_error(overlay, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", "specs/quickstart.yaml", "--config", f"specs/strategies/{overlay}.yaml", "--trainer.accelerator", "cpu"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("soma-lightning: error: trainer.strategy: ") and "runs on CUDA GPUs only" in err, err
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", "specs/quickstart.yaml", "--config", f"specs/strategies/{overlay}.yaml", "--trainer.accelerator", "gpu"])
+    assert "needs the deepspeed extra" in capsys.readouterr().err
+
+
 def test_resume_on_two_processes_keeps_the_global_data_order_and_the_losses(tmp_path):
     """One process with batch 4 stops at step 3; the run resumes on 2 gloo processes with batch 2 each. The
     global batches are the same rows in the same order, and (SIGReg off, so that the loss is a mean over
