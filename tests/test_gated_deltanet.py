@@ -123,6 +123,26 @@ def test_layer_impls_agree_and_gradients_are_finite():
     assert all(p.grad is not None and p.grad.isfinite().all() for p in layer.parameters())
 
 
+def test_auto_trains_in_pytorch_where_fla_backward_is_blocked(monkeypatch):
+    """fla 0.6 raises in its gated backward on Hopper with Triton < 3.7.1 and no tilelang: "auto" must not take
+    fla for a forward that needs a gradient there (checked on CPU with a stand-in for a CUDA tensor)."""
+    from types import SimpleNamespace
+
+    import soma_lightning.nn.delta_rule as delta_rule
+
+    on_cuda, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    monkeypatch.setattr(delta_rule, "_fla_importable", lambda: True)
+    monkeypatch.setattr(delta_rule, "fla_backward_blocked", lambda: "fla's backward refuses this Triton")
+    with pytest.warns(UserWarning, match="refuses this Triton; training runs the delta rule in PyTorch"):
+        assert not delta_rule._use_fla_delta_rule("auto", on_cuda)
+    with torch.no_grad():
+        assert delta_rule._use_fla_delta_rule("auto", on_cuda)  # its forward is fine
+    assert delta_rule._use_fla_delta_rule("fla", on_cuda)  # asked for by name: fla's own error stands
+    monkeypatch.setattr(delta_rule, "fla_backward_blocked", lambda: None)
+    assert delta_rule._use_fla_delta_rule("auto", on_cuda)
+    assert not delta_rule._use_fla_delta_rule("auto", on_cpu)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

@@ -115,10 +115,20 @@ def test_moe_grouped_forward_and_backward_never_wait_for_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _skip_where_fla_backward_is_blocked() -> None:
+    """fla raises in its own backward on this software stack; impl "auto" falls back (tests/test_gated_deltanet.py)."""
+    from soma_lightning.nn.delta_rule import fla_backward_blocked
+
+    if reason := fla_backward_blocked():
+        pytest.skip(reason)
+
+
 @cuda
 @pytest.mark.parametrize("resets", [False, True])
 def test_fla_gated_delta_rule_equals_the_torch_reference_values_and_gradients(resets):
     from soma_lightning.nn.delta_rule import gated_delta_rule
+
+    _skip_where_fla_backward_is_blocked()
 
     b, t, h, hv, d = 1, 1000, 8, 16, 128  # the layout bench/hybrid.py times: fla's tilelang kernels compile once
     torch.manual_seed(0)
@@ -144,6 +154,7 @@ def test_gated_deltanet_layer_fla_path_equals_torch_path_in_bf16():
     from soma_lightning.nn.context import SequenceContext
     from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 
+    _skip_where_fla_backward_is_blocked()
     b, t = 1, 700
     x = torch.randn(b, t, 2048, device="cuda")
     doc_ids = (torch.rand(b, t, device="cuda") < 0.005).long().cumsum(1)

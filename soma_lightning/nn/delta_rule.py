@@ -15,6 +15,8 @@ vectorised within chunks (the WY form), and "fla" the flash-linear-attention Tri
 """
 
 import functools
+import importlib.util
+import warnings
 from typing import Callable, Literal
 
 import torch
@@ -138,8 +140,34 @@ def _fla_importable() -> bool:
     return True
 
 
+@functools.cache
+def fla_backward_blocked() -> str | None:
+    """Why fla's gated delta rule backward refuses to run here, or None. fla 0.6 raises a RuntimeError in
+    that backward on Hopper with Triton 3.4 to 3.7.0 (wrong gradients, its issue #640) unless tilelang is
+    installed to provide the kernel."""
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+    if IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and importlib.util.find_spec("tilelang") is None:
+        import triton
+
+        return f"fla's Gated DeltaNet backward refuses Triton {triton.__version__} on Hopper without tilelang (pip install tilelang)"
+    return None
+
+
 def _use_fla(impl: str, x: Tensor) -> bool:
     return impl == "fla" or (impl == "auto" and x.is_cuda and _fla_importable())
+
+
+def _use_fla_delta_rule(impl: str, q: Tensor) -> bool:
+    """`_use_fla`, except that "auto" runs the chunked PyTorch form (slower, with a warning) where fla's
+    backward is blocked and a gradient is needed."""
+    use = _use_fla(impl, q)
+    if not use or impl == "fla" or not torch.is_grad_enabled():
+        return use
+    blocked = fla_backward_blocked()
+    if blocked:
+        warnings.warn(f"{blocked}; training runs the delta rule in PyTorch (chunked), which is slower", stacklevel=3)
+    return blocked is None
 
 
 def sequence_bounds(resets: Tensor) -> Tensor:
@@ -178,9 +206,10 @@ def gated_delta_rule(
     impl: Literal["auto", "recurrent", "chunked", "fla"] = "auto",
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """The gated delta rule -> [B, T, HV, V]. impl "auto": fla's chunked kernel on CUDA when fla imports,
-    the chunked PyTorch form otherwise. cu_seqlens: `sequence_bounds(resets)` if the caller has it."""
-    if _use_fla(impl, q):
+    """The gated delta rule -> [B, T, HV, V]. impl "auto": fla's chunked kernel on CUDA when fla imports
+    (and its backward can run: `fla_backward_blocked`), the chunked PyTorch form otherwise. cu_seqlens:
+    `sequence_bounds(resets)` if the caller has it."""
+    if _use_fla_delta_rule(impl, q):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         return _fla_call(chunk_gated_delta_rule, [q, k, v, g, beta], resets, cu_seqlens, scale=scale, use_qk_l2norm_in_kernel=True)
