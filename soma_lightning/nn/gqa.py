@@ -113,7 +113,7 @@ def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | N
     intervals), so the score reads q's span starts and k's depth only. The table is read through
     BIAS_REPLICAS copies: their gradients sum into it, spreading the atomic adds of the backward pass."""
     t, levels = structure.shape[1], structure.shape[2]
-    structure = structure.int()  # int32 index arithmetic: with int64 the forward kernel ran 1.4x slower on an H100
+    structure = structure.int()  # int32 index arithmetic: with int64 the forward kernel ran slower on an H100
     depth = (structure >= 0).sum(-1, dtype=torch.int32)
     g = _global_slots(t, global_stride) if global_stride is not None else 0
     copies = table.unsqueeze(-1).expand(*table.shape, BIAS_REPLICAS)
