@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install -q 'torch>=2.5'; \
+		$(BIN)/pip install -q 'torch>=2.9'; \
 	else \
 		$(BIN)/pip install -q '$(TORCH_SPEC)'; \
 	fi

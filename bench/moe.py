@@ -96,22 +96,30 @@ def train_step_rate(arch, batch: int, seq_len: int, steps: int, doc_ids: bool = 
 def attention_ops(seq_len: int, steps: int) -> dict:
     """The attention op alone, forward+backward, one sequence, 16 query / 4 KV heads of 64: FlexAttention
     with the local 4096 + global 1024 block mask (with our tiles, with inductor's default tiles, and with the
-    structural bias of tiny-Shakespeare's structure) vs SDPA full causal (flash)."""
-    from soma_lightning.nn.gqa import block_mask, flex, structure_score_mod, with_global_keys
+    structural bias of tiny-Shakespeare's structure, its table with and without a gradient) vs SDPA full
+    causal (flash). The structural rows exclude `structure_buckets`, which runs once per batch, not per layer:
+    its own row times it."""
+    from soma_lightning.nn.gqa import block_mask, flex, flex_with_structure_bias, structure_buckets, with_global_keys
 
     q = torch.randn(1, 16, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 4, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     mask = block_mask(seq_len, 4096, 1024, None, q.device)
     text = open("soma_lightning/corpora/tinyshakespeare.txt", "rb").read()[:seq_len]
-    bias = structure_score_mod(torch.zeros(16, 16, device="cuda", requires_grad=True), batch_structure(torch.tensor([list(text)])).cuda(), 1024)
+    structure = batch_structure(torch.tensor([list(text)])).cuda()
+    buckets = structure_buckets(structure, 16, 4096, 1024)
 
     def local_global(**kwargs):
         return lambda: flex(q, with_global_keys(k, 1024), with_global_keys(v, 1024), mask, **kwargs).sum().backward()
 
+    def structural(table):
+        return lambda: flex_with_structure_bias(q, k, v, mask, table, buckets, None, 4096, 1024).sum().backward()
+
     runs = {
         "local+global (flex)": local_global(),
         "local+global (flex, inductor's tiles)": local_global(kernel_options={}),
-        "local+global + structural bias (flex)": local_global(score_mod=bias),
+        "local+global + structural bias": structural(torch.zeros(16, 16, device="cuda", requires_grad=True)),
+        "  the same, bias table without gradient": structural(torch.zeros(16, 16, device="cuda")),
+        "  structure_buckets (once per batch)": lambda: structure_buckets(structure, 16, 4096, 1024),
         "full causal (sdpa)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward(),
     }
     return {name: timed_ms(run, steps) for name, run in runs.items()}

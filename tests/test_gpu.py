@@ -57,7 +57,8 @@ def test_flex_local_global_with_documents_equals_dense_reference_values_and_grad
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_structural_bias_equals_dense_reference_values_and_gradients(dtype):
-    """In bf16 at head dim 64 the plain local+global layers also run with HOPPER_HEAD_DIM_64_TILES on an H100."""
+    """With documents. The bias table's gradient comes from structure_grad.py's kernel. In bf16 at head dim 64
+    the plain local+global layers also run with HOPPER_HEAD_DIM_64_TILES on an H100."""
     from soma_lightning.data_modules.structure import batch_structure
     from soma_lightning.nn.context import SequenceContext
     from soma_lightning.nn.gqa import GroupedQueryAttention
@@ -67,6 +68,8 @@ def test_flex_structural_bias_equals_dense_reference_values_and_gradients(dtype)
     structure = batch_structure(torch.tensor(list(text)).view(b, t)).cuda()
     x = torch.randn(b, t, 256, device="cuda")
     positions = torch.arange(t, device="cuda").expand(b, -1)
+    doc_ids = torch.zeros(b, t, dtype=torch.long, device="cuda")
+    doc_ids[0, 300:], doc_ids[1, 700:] = 1, 1
     results = {}
     for impl in ("flex", "reference"):
         torch.manual_seed(0)
@@ -75,7 +78,7 @@ def test_flex_structural_bias_equals_dense_reference_values_and_gradients(dtype)
             if bias:
                 torch.nn.init.normal_(attn.structure_bias)
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                y = attn(x, SequenceContext(positions, structure=structure))
+                y = attn(x, SequenceContext(positions, doc_ids, structure))
             y.float().square().mean().backward()
             results[impl, bias] = (y.float(), attn.q_proj.weight.grad) + ((attn.structure_bias.grad,) if bias else ())
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2

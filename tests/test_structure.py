@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +9,8 @@ import torch
 from soma_lightning import build_model
 from soma_lightning.data_modules.structure import batch_structure, byte_structure
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.gqa import GroupedQueryAttention, tree_distance
+from soma_lightning.nn.attention import masked_attention_reference
+from soma_lightning.nn.gqa import GroupedQueryAttention, _global_slots, dense_mask, structure_bias, structure_buckets, tree_distance
 from conftest import tiny_v1_arch
 
 CODE = b"def f(a, b):\n    return g(a)\n\nx = [1, (2)]\n"
@@ -55,6 +60,66 @@ def test_tree_distance_against_brute_force():
             while common < min(len(a), len(b)) and a[common] == b[common]:
                 common += 1
             assert dist[q, k] == len(a) + len(b) - 2 * common
+
+
+PATTERNS = [(40, 16), (None, None), (40, None), (64, 50)]  # (window, global_stride)
+
+
+@pytest.mark.parametrize("window, stride", PATTERNS)
+def test_structure_buckets_are_the_clipped_tree_distance_of_each_visible_key(window, stride):
+    structure = batch_structure(torch.tensor([list((CODE * 10)[i : i + 150]) for i in (0, 7)]))
+    buckets = structure_buckets(structure, 6, window, stride).long()
+    distance = tree_distance(structure).clamp(max=5)
+    g = _global_slots(150, stride) if stride else 0
+    for q in range(150):
+        for j in range(min(window or 150, q + 1)):  # column g + j: key q - j
+            assert torch.equal(buckets[:, q, g + j], distance[:, q, q - j])
+        for i in range(g):  # column i: global key i * stride
+            if i * stride <= q:
+                assert torch.equal(buckets[:, q, i], distance[:, q, i * stride])
+
+
+def table_grad_relative_errors(device: str) -> list[float]:
+    """structure_table_grad (structure_grad.py) against autograd through the dense reference attention, in
+    float32, for every pattern with and without documents."""
+    from soma_lightning.nn.structure_grad import structure_table_grad
+
+    torch.manual_seed(0)
+    b, t, h, h_kv, d, n = 2, 150, 4, 2, 16, 6
+    structure = batch_structure(torch.tensor([list((CODE * 10)[i : i + t]) for i in (0, 7)])).to(device)
+    starts = torch.rand(b, t, device=device) < 0.03
+    starts[:, 0] = True
+    errors = []
+    for window, stride in PATTERNS:
+        for doc_ids in (None, starts.long().cumsum(1)):
+            q = torch.randn(b, h, t, d, device=device)
+            k, v = torch.randn(2, b, h_kv, t, d, device=device)
+            table = torch.randn(h, n, device=device, requires_grad=True)
+            mask = dense_mask(t, window, stride, doc_ids, q.device)
+            bias = structure_bias(table, structure)
+            y = masked_attention_reference(q, k.repeat_interleave(h // h_kv, 1), v.repeat_interleave(h // h_kv, 1), mask, bias)
+            d_y = torch.randn_like(y)
+            (y * d_y).sum().backward()
+            scores = q @ k.repeat_interleave(h // h_kv, 1).transpose(-1, -2) / d**0.5 + bias
+            lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
+            buckets = structure_buckets(structure, n, window, stride)
+            got = structure_table_grad(q, k, v, y.detach(), d_y, lse.detach(), table.detach(), buckets, doc_ids, window, stride)
+            errors.append(float((got - table.grad).abs().max() / table.grad.abs().max()))
+    return errors
+
+
+def test_table_grad_kernel_equals_autograd_of_the_dense_reference():
+    """On a GPU the compiled kernel; on the CPU the same kernel in Triton's interpreter (which must be enabled
+    before the kernel is defined, hence the subprocess)."""
+    if torch.cuda.is_available():
+        errors = table_grad_relative_errors("cuda")
+    else:
+        code = "from test_structure import table_grad_relative_errors; print(max(table_grad_relative_errors('cpu')))"
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        errors = [float(run.stdout.split()[-1])]
+    assert max(errors) < 1e-5
 
 
 def _inputs(b=2, t=90):

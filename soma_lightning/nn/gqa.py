@@ -104,48 +104,72 @@ def block_mask(t: int, window: int | None, global_stride: int | None, doc_ids: T
     return create_block_mask(mask_mod, len(doc_ids) if doc_ids is not None else None, None, t, g + t, device=device)
 
 
-BIAS_REPLICAS = 128  # copies of the bias table, read by query position, so its gradient is not one hot spot
+def structure_buckets(structure: Tensor, n_buckets: int, window: int | None, global_stride: int | None) -> Tensor:
+    """[B, T, L] structure -> [B, T, G + W] uint8: `structure_bias`'s bucket of the tree distance from each
+    query q to the keys it can see, in the key layout of `block_mask`. Column i < G is the global key
+    i * global_stride (G = the padded global slots, 0 without global keys); column G + j is the key q - j of
+    the window (W = window, T without one). Columns of keys that are not there (k < 0, k > q) hold 0.
 
-
-def structure_score_mod(table: Tensor, structure: Tensor, global_stride: int | None):
-    """`structure_bias` as a FlexAttention score_mod, over the key layout of `block_mask`. For a visible
-    key k <= q, the spans q and k share are exactly q's spans that start at or before k (spans are
-    intervals), so the score reads q's span starts and k's depth only. The table is read through
-    BIAS_REPLICAS copies: their gradients sum into it, spreading the atomic adds of the backward pass."""
-    t, levels = structure.shape[1], structure.shape[2]
-    structure = structure.int()  # int32 index arithmetic: with int64 the forward kernel ran slower on an H100
-    depth = (structure >= 0).sum(-1, dtype=torch.int32)
+    For a visible key k <= q, the spans q and k share are exactly q's spans that start at or before k (spans
+    are intervals), so the distance needs q's span starts and k's depth only."""
+    b, t, levels = structure.shape
+    w = window if window is not None else t
     g = _global_slots(t, global_stride) if global_stride is not None else 0
-    copies = table.unsqueeze(-1).expand(*table.shape, BIAS_REPLICAS)
+    depth = (structure >= 0).sum(-1, dtype=torch.int32)
+    starts = structure.int().masked_fill(structure < 0, t)  # a missing level starts after every key
+    out = torch.zeros(b, t, g + w, dtype=torch.uint8, device=structure.device)
+    global_pos = torch.arange(g, device=structure.device) * (global_stride or 1)
+    chunk = max(1, 2**26 // (b * (g + w)))
+    for q0 in range(0, t, chunk):
+        q = torch.arange(q0, min(q0 + chunk, t), device=structure.device)
+        keys = torch.cat([global_pos.expand(len(q), -1), q[:, None] - torch.arange(w, device=structure.device)], dim=1)  # [C, G + W]
+        exists = (keys >= 0) & (keys <= q[:, None])
+        keys = keys.clamp(0, t - 1)
+        distance = depth[:, q, None] + depth[:, keys]
+        for level in range(levels):
+            distance -= 2 * (starts[:, q, level, None] <= keys)
+        out[:, q] = torch.where(exists, distance.clamp(0, n_buckets - 1), 0).to(torch.uint8)
+    return out
+
+
+def structure_score_mod(table: Tensor, buckets: Tensor, global_stride: int | None):
+    """The structural bias as a FlexAttention score_mod over the key layout of `block_mask`, reading one
+    precomputed bucket (`structure_buckets`) per score. The table enters as a constant: its gradient comes
+    from `flex_with_structure_bias`, not from FlexAttention's per-score atomic adds."""
+    t, cols = buckets.shape[1], buckets.shape[2]
+    g = _global_slots(t, global_stride) if global_stride is not None else 0
+    table = table.detach()
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        k_pos = torch.where(kv_idx < g, kv_idx * global_stride, kv_idx - g) if g else kv_idx
-        k_pos = k_pos.clamp(max=t - 1)
-        common = 0
-        for level in range(levels):
-            start = structure[b, q_idx, level]
-            common = common + ((start >= 0) & (start <= k_pos))
-        distance = depth[b, q_idx] + depth[b, k_pos] - 2 * common  # negative only for masked keys k > q
-        return score + copies[h, distance.clamp(0, table.shape[1] - 1), q_idx % BIAS_REPLICAS]
+        # kv_idx >= g is the key at position kv_idx - g, in column g + q_idx - (kv_idx - g)
+        column = torch.where(kv_idx < g, kv_idx, 2 * g + q_idx - kv_idx) if g else q_idx - kv_idx
+        return score + table[h, buckets[b, q_idx, column.clamp(0, cols - 1)].int()]
 
     return score_mod
 
 
 # Backward tiles for bf16 at head dim 64 on Hopper, the best of a grid of nine on an H100 (`python bench/moe.py
-# --parts attention_op` compares them with inductor's defaults). Not for score_mods: the structural bias is
-# bound by its gradient's atomic adds, and ran slower with these tiles.
+# --parts attention_op` compares them with inductor's defaults).
 HOPPER_HEAD_DIM_64_TILES = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}
 
 
+# Forward tiles with a score_mod, same conditions: inductor's default (128 x 128, 3 stages) needs more shared
+# memory than an H100 has once structure_score_mod gathers a bucket per score; 64 x 64 was the fastest of three.
+HOPPER_SCORE_MOD_FORWARD_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
+
+
 def default_kernel_options(q: Tensor, score_mod) -> dict | None:
-    """HOPPER_HEAD_DIM_64_TILES where they were measured faster, else None (inductor's defaults)."""
-    measured = q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 64 and score_mod is None
-    return HOPPER_HEAD_DIM_64_TILES if measured and torch.cuda.get_device_capability(q.device) == (9, 0) else None
+    """The tiles above where they were measured, else None (inductor's defaults)."""
+    measured = q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 64
+    if not (measured and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return None
+    return HOPPER_HEAD_DIM_64_TILES if score_mod is None else {**HOPPER_HEAD_DIM_64_TILES, **HOPPER_SCORE_MOD_FORWARD_TILES}
 
 
-def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: dict | None = None) -> Tensor:
-    """FlexAttention, compiled on CUDA. `kernel_options` None takes `default_kernel_options`."""
-    from torch.nn.attention.flex_attention import flex_attention
+def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: dict | None = None, return_lse: bool = False):
+    """FlexAttention, compiled on CUDA. `kernel_options` None takes `default_kernel_options`. With
+    `return_lse`, (output, natural-log logsumexp [B, H, T])."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     global _compiled_flex
     if q.is_cuda and _compiled_flex is None:
@@ -153,7 +177,43 @@ def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: 
     run = _compiled_flex if q.is_cuda else flex_attention
     if kernel_options is None:
         kernel_options = default_kernel_options(q, score_mod)
-    return run(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options)
+    aux = AuxRequest(lse=True) if return_lse else None
+    out = run(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options, return_aux=aux)
+    return (out[0], out[1].lse) if return_lse else out
+
+
+class _StructureTableGrad(torch.autograd.Function):
+    """Identity on the attention output; its backward adds the bias table's gradient, computed from the
+    output, its gradient and the logsumexp by `structure_grad.structure_table_grad`."""
+
+    @staticmethod
+    def forward(ctx, out, table, q, k, v, lse, buckets, doc_ids, window, global_stride):
+        ctx.save_for_backward(q, k, v, out, lse, table, buckets, doc_ids)
+        ctx.window, ctx.global_stride = window, global_stride
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from soma_lightning.nn.structure_grad import structure_table_grad
+
+        q, k, v, out, lse, table, buckets, doc_ids = ctx.saved_tensors
+        d_table = structure_table_grad(q, k, v, out, d_out, lse, table, buckets, doc_ids, ctx.window, ctx.global_stride)
+        return d_out, d_table, None, None, None, None, None, None, None, None
+
+
+def flex_with_structure_bias(
+    q: Tensor, k: Tensor, v: Tensor, mask, table: Tensor, buckets: Tensor, doc_ids: Tensor | None, window: int | None, global_stride: int | None,
+    kernel_options: dict | None = None,
+) -> Tensor:
+    """FlexAttention under `block_mask`'s pattern plus the structural bias `table` [H, buckets] read through
+    `structure_buckets`; k, v [B, Hkv, T, D] in position order. On CUDA the table's gradient comes from one
+    Triton pass that sums score gradients per bucket within each tile (structure_grad.py)."""
+    score_mod = structure_score_mod(table, buckets, global_stride)
+    k_in, v_in = (with_global_keys(k, global_stride), with_global_keys(v, global_stride)) if global_stride is not None else (k, v)
+    if not (torch.is_grad_enabled() and table.requires_grad):
+        return flex(q, k_in, v_in, mask, score_mod, kernel_options)
+    out, lse = flex(q, k_in, v_in, mask, score_mod, kernel_options, return_lse=True)
+    return _StructureTableGrad.apply(out, table, q, k, v, lse.detach(), buckets, doc_ids, window, global_stride)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -182,8 +242,8 @@ class GroupedQueryAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
-        if structure_buckets is not None and structure_buckets < 2:
-            raise ValueError(f"structure_buckets: need at least 2 buckets or null, got {structure_buckets}")
+        if structure_buckets is not None and not 2 <= structure_buckets <= 256:
+            raise ValueError(f"structure_buckets: need 2 to 256 buckets (stored as bytes) or null, got {structure_buckets}")
         if num_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         head_dim = head_dim or d_model // num_heads
@@ -227,12 +287,15 @@ class GroupedQueryAttention(nn.Module):
             key = ("block_mask", self.window, self.global_stride)
             if key not in ctx.cache:
                 ctx.cache[key] = block_mask(q.shape[2], self.window, self.global_stride, doc_ids, q.device)
+            if self.structure_bias is not None:
+                n = self.structure_bias.shape[1]
+                bkey = ("structure_buckets", n, self.window, self.global_stride)
+                if bkey not in ctx.cache:
+                    ctx.cache[bkey] = structure_buckets(ctx.structure, n, self.window, self.global_stride)
+                return flex_with_structure_bias(q, k, v, ctx.cache[key], self.structure_bias, ctx.cache[bkey], doc_ids, self.window, self.global_stride)
             if self.global_stride is not None:
                 k, v = with_global_keys(k, self.global_stride), with_global_keys(v, self.global_stride)
-            score_mod = None
-            if self.structure_bias is not None:
-                score_mod = structure_score_mod(self.structure_bias, ctx.structure, self.global_stride)
-            return flex(q, k, v, ctx.cache[key], score_mod)
+            return flex(q, k, v, ctx.cache[key])
         groups = self.num_heads // self.num_kv_heads
         bias = structure_bias(self.structure_bias, ctx.structure) if self.structure_bias is not None else None
         if self.impl == "reference":
