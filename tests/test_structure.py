@@ -62,7 +62,7 @@ def test_tree_distance_against_brute_force():
             assert dist[q, k] == len(a) + len(b) - 2 * common
 
 
-PATTERNS = [(40, 16), (None, None), (40, None), (64, 50)]  # (window, global_stride)
+PATTERNS = [(40, 16), (None, None), (40, None), (64, 50), (400, 64)]  # (window, global_stride)
 
 
 @pytest.mark.parametrize("window, stride", PATTERNS)

@@ -111,24 +111,32 @@ def structure_buckets(structure: Tensor, n_buckets: int, window: int | None, glo
     the window (W = window, T without one). Columns of keys that are not there (k < 0, k > q) hold 0.
 
     For a visible key k <= q, the spans q and k share are exactly q's spans that start at or before k (spans
-    are intervals), so the distance needs q's span starts and k's depth only."""
+    are intervals), so the distance needs q's span starts and k's depth only. For the window's key q - j
+    they are q's spans less those with q - start < j: a running count over j."""
     b, t, levels = structure.shape
     w = window if window is not None else t
     g = _global_slots(t, global_stride) if global_stride is not None else 0
-    depth = (structure >= 0).sum(-1, dtype=torch.int32)
-    starts = structure.int().masked_fill(structure < 0, t)  # a missing level starts after every key
-    out = torch.zeros(b, t, g + w, dtype=torch.uint8, device=structure.device)
-    global_pos = torch.arange(g, device=structure.device) * (global_stride or 1)
-    chunk = max(1, 2**26 // (b * (g + w)))
+    device = structure.device
+    valid = structure >= 0
+    depth = valid.sum(-1, dtype=torch.int32)
+    pos = torch.arange(t, device=device)
+    out = torch.empty(b, t, g + w, dtype=torch.uint8, device=device)
+
+    key_pos = torch.arange(g, device=device) * (global_stride or 1)
+    shared = ((structure[:, :, None, :] <= key_pos[None, None, :, None]) & valid[:, :, None, :]).sum(-1)
+    distance = depth[:, :, None] + depth[:, None, key_pos.clamp(max=t - 1)] - 2 * shared
+    out[..., :g] = torch.where(key_pos <= pos[:, None], distance.clamp(0, n_buckets - 1), 0)
+
+    first_j_outside = torch.where(valid, pos[None, :, None] - structure + 1, w).clamp(max=w)  # [B, T, L]
+    key_depth = F.pad(depth, (w - 1, 0)).unfold(1, w, 1).flip(-1)  # [B, T, W]: the depth of key q - j
+    exists = torch.arange(w, device=device) <= pos[:, None]
+    chunk = max(1, 2**26 // (b * w))
     for q0 in range(0, t, chunk):
-        q = torch.arange(q0, min(q0 + chunk, t), device=structure.device)
-        keys = torch.cat([global_pos.expand(len(q), -1), q[:, None] - torch.arange(w, device=structure.device)], dim=1)  # [C, G + W]
-        exists = (keys >= 0) & (keys <= q[:, None])
-        keys = keys.clamp(0, t - 1)
-        distance = depth[:, q, None] + depth[:, keys]
-        for level in range(levels):
-            distance -= 2 * (starts[:, q, level, None] <= keys)
-        out[:, q] = torch.where(exists, distance.clamp(0, n_buckets - 1), 0).to(torch.uint8)
+        q1 = min(q0 + chunk, t)
+        lost = torch.zeros(b, q1 - q0, w + 1, dtype=torch.int32, device=device)
+        lost.scatter_add_(2, first_j_outside[:, q0:q1], torch.ones_like(first_j_outside[:, q0:q1], dtype=torch.int32))
+        distance = key_depth[:, q0:q1] - depth[:, q0:q1, None] + 2 * lost[..., :w].cumsum(-1, dtype=torch.int32)
+        out[:, q0:q1, g:] = torch.where(exists[q0:q1], distance.clamp(0, n_buckets - 1), 0)
     return out
 
 
