@@ -175,14 +175,17 @@ def default_kernel_options(q: Tensor, score_mod) -> dict | None:
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: dict | None = None, return_lse: bool = False):
-    """FlexAttention, compiled on CUDA. `kernel_options` None takes `default_kernel_options`. With
-    `return_lse`, (output, natural-log logsumexp [B, H, T])."""
+    """FlexAttention, compiled on CUDA (inside a compiled model, by that compile: creating one while dynamo
+    traces breaks the graph). `kernel_options` None takes `default_kernel_options`. With `return_lse`,
+    (output, natural-log logsumexp [B, H, T])."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     global _compiled_flex
-    if q.is_cuda and _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    run = _compiled_flex if q.is_cuda else flex_attention
+    run = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        run = _compiled_flex
     if kernel_options is None:
         kernel_options = default_kernel_options(q, score_mod)
     aux = AuxRequest(lse=True) if return_lse else None
