@@ -94,13 +94,14 @@ def table_grad_relative_errors(device: str) -> list[float]:
         for doc_ids in (None, starts.long().cumsum(1)):
             q = torch.randn(b, h, t, d, device=device)
             k, v = torch.randn(2, b, h_kv, t, d, device=device)
+            k_all, v_all = k.repeat_interleave(h // h_kv, 1), v.repeat_interleave(h // h_kv, 1)
             table = torch.randn(h, n, device=device, requires_grad=True)
             mask = dense_mask(t, window, stride, doc_ids, q.device)
             bias = structure_bias(table, structure)
-            y = masked_attention_reference(q, k.repeat_interleave(h // h_kv, 1), v.repeat_interleave(h // h_kv, 1), mask, bias)
+            y = masked_attention_reference(q, k_all, v_all, mask, bias)
             d_y = torch.randn_like(y)
             (y * d_y).sum().backward()
-            scores = q @ k.repeat_interleave(h // h_kv, 1).transpose(-1, -2) / d**0.5 + bias
+            scores = q @ k_all.transpose(-1, -2) / d**0.5 + bias
             lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
             buckets = structure_buckets(structure, n, window, stride)
             got = structure_table_grad(q, k, v, y.detach(), d_y, lse.detach(), table.detach(), buckets, doc_ids, window, stride)

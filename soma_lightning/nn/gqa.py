@@ -213,8 +213,7 @@ class _StructureTableGrad(torch.autograd.Function):
 
 
 def flex_with_structure_bias(
-    q: Tensor, k: Tensor, v: Tensor, mask, table: Tensor, buckets: Tensor, doc_ids: Tensor | None, window: int | None, global_stride: int | None,
-    kernel_options: dict | None = None,
+    q: Tensor, k: Tensor, v: Tensor, mask, table: Tensor, buckets: Tensor, doc_ids: Tensor | None, window: int | None, global_stride: int | None
 ) -> Tensor:
     """FlexAttention under `block_mask`'s pattern plus the structural bias `table` [H, buckets] read through
     `structure_buckets`; k, v [B, Hkv, T, D] in position order. On CUDA the table's gradient comes from one
@@ -222,8 +221,8 @@ def flex_with_structure_bias(
     score_mod = structure_score_mod(table, buckets, global_stride)
     k_in, v_in = (with_global_keys(k, global_stride), with_global_keys(v, global_stride)) if global_stride is not None else (k, v)
     if not (torch.is_grad_enabled() and table.requires_grad):
-        return flex(q, k_in, v_in, mask, score_mod, kernel_options)
-    out, lse = flex(q, k_in, v_in, mask, score_mod, kernel_options, return_lse=True)
+        return flex(q, k_in, v_in, mask, score_mod)
+    out, lse = flex(q, k_in, v_in, mask, score_mod, return_lse=True)
     return _StructureTableGrad.apply(out, table, q, k, v, lse.detach(), buckets, doc_ids, window, global_stride)
 
 
