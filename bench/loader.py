@@ -1,6 +1,6 @@
 """Tokens per second the multimodal shard loader (MultimodalCorpus's train dataloader: mixture sampling from
 memory-mapped shards, int64 batches with targets, positions and doc_ids) delivers on this machine, against
-what one H100 consumes training specs/gpt5_moe.yaml (50,789 tokens/s, README, "Whole model").
+what one H100 consumes training specs/gpt5_moe.yaml (docs/benchmarks.md, "Whole model").
 
     python bench/loader.py --config specs/gpt5_moe_multimodal.yaml --shards runs/gpt5_moe_multimodal_data --out loader.json
     python bench/loader.py --small          # the tiny spec on the shipped samples, a quick check
@@ -20,7 +20,7 @@ import yaml
 from soma_lightning.cli import multimodal_corpus, prepare_from_spec
 from soma_lightning.data_modules.multimodal import INDEX, MultimodalCorpus
 
-H100_GPT5_MOE_TOKENS_PER_S = 50_789  # README: specs/gpt5_moe.yaml, 4 x 8192 tokens, bf16, one H100
+H100_GPT5_MOE_TOKENS_PER_S = 50_789  # docs/benchmarks.md: specs/gpt5_moe.yaml, 4 x 8192 tokens, bf16, one H100
 
 
 def tokens_per_s(data: MultimodalCorpus, batches: int, warmup: int = 2) -> float:
