@@ -6,7 +6,7 @@
 
 1. Decode tokens/s at two contexts (1K and 8K; --small: 128 and 512) for the V1, MoE and hybrid specs
    (random weights, batch 1, greedy): full recompute, the eager cached path, and the cached step replayed
-   as a CUDA graph (n/a off CUDA and for models without static decoding, see soma_lightning/generate.py).
+   as a CUDA graph (n/a off CUDA and for models without static decoding, see soma_lightning/generation/cuda_graph.py).
    Decode rate = (N - 1) tokens over the time of generating N tokens minus the time of generating 1 (so the
    prompt's prefill is not counted), after one untimed warm-up generation (of N tokens for the cached
    paths: the graph is captured there).
@@ -29,7 +29,7 @@ import time
 import torch
 
 from soma_lightning import build_model, load_spec
-from soma_lightning.generate import generate, static_blocker
+from soma_lightning.generation import generate, static_blocker
 from soma_lightning.nn.gqa import GroupedQueryAttention
 
 FULL = {"V1": "specs/soma_v1.yaml", "MoE": "specs/gpt5_moe.yaml", "hybrid": "specs/hybrid_small.yaml"}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.delta_rule import gated_delta_rule
+from soma_lightning.nn.ops.delta_rule import gated_delta_rule
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 

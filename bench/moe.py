@@ -99,7 +99,8 @@ def attention_ops(seq_len: int, steps: int) -> dict:
     structural bias of tiny-Shakespeare's structure, its table with and without a gradient) vs SDPA full
     causal (flash). The structural rows exclude `structure_buckets`, which runs once per batch, not per layer:
     its own row times it."""
-    from soma_lightning.nn.gqa import block_mask, flex, flex_with_structure_bias, structure_buckets, with_global_keys
+    from soma_lightning.nn.ops.attention.flex import block_mask, flex, with_global_keys
+    from soma_lightning.nn.ops.attention.structure_bias import flex_with_structure_bias, structure_buckets
 
     q = torch.randn(1, 16, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 4, seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))

@@ -21,7 +21,7 @@ from PIL import Image
 from soma_lightning.cli import _load_run
 from soma_lightning.data_modules.modalities import decode_to_files, prompt
 from soma_lightning.data_modules.multimodal import Shards
-from soma_lightning.generate import generate
+from soma_lightning.generation import generate
 
 
 def image_grid(pngs: list[Path], out: Path) -> None:

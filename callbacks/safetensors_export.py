@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.checkpoint_io import atomic_write, ordinary_mode
 from soma_lightning.spec import ModelSpec, spec_from_dict
 from soma_lightning.v1 import WeightsError, canonical_state_dict, save_canonical
 
@@ -47,7 +47,12 @@ def write_safetensors(model: nn.Module, tensors: dict[str, Tensor], arch: ModelS
         save_canonical(model, path, tensors)
         return
     metadata = {SPEC_KEY: json.dumps(asdict(arch))} | ({} if step is None else {"global_step": str(step)})
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata)
+        ordinary_mode(tmp)
+
+    atomic_write(Path(path), write)
 
 
 def is_v1(model: nn.Module) -> bool:

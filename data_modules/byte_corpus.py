@@ -2,6 +2,7 @@
 
 import glob
 import itertools
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -29,19 +30,42 @@ def require_positive(**values: int) -> None:
             raise DataError(f"data.{key}: must be positive, got {value}")
 
 
+def require_num_workers(num_workers: int) -> None:
+    """A DataError naming data.num_workers unless it is a count of DataLoader worker processes."""
+    if num_workers < 0:
+        raise DataError(f"data.num_workers: must be 0 (load in the main process) or a positive number of worker processes, got {num_workers}")
+
+
+def _refuse_broken_link(path: Path, key: str) -> None:
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{key}: {str(path)!r} is a broken symbolic link (to {os.readlink(path)!r})")
+
+
 def source_files(source: str, key: str) -> list[Path]:
+    """The data files of a file, a directory (every file below it but hidden ones) or a glob, in path order;
+    a broken symbolic link among them is a DataError naming it."""
     path = Path(source)
+    _refuse_broken_link(path, key)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-        if not files:
-            raise DataError(f"{key}: directory {source!r} holds no files")
-        return files
-    files = sorted(Path(f) for f in glob.glob(source, recursive=True) if Path(f).is_file())
+        entries = sorted(f for f in path.rglob("*") if not f.name.startswith("."))
+    else:
+        entries = sorted(Path(f) for f in glob.glob(source, recursive=True))
+    for f in entries:
+        _refuse_broken_link(f, key)
+    files = [f for f in entries if f.is_file()]
     if not files:
-        raise DataError(f"{key}: {source!r} is no file or directory and matches no file as a glob")
+        raise DataError(f"{key}: directory {source!r} holds no files" if path.is_dir() else f"{key}: {source!r} is no file or directory and matches no file as a glob")
     return files
+
+
+def read_file(file: Path, key: str) -> bytes:
+    """The bytes of a data file; a DataError naming it when it cannot be read."""
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        raise DataError(f"{key}: cannot read {str(file)!r} ({e.strerror or e})") from None
 
 
 def hf_column(source: str, key: str, hf_format: str, column: str, sample_by: str = "document") -> list:
@@ -64,7 +88,7 @@ def read_stream(source: str, key: str, hf_format: str | None = None, text_column
     """All documents of `source` as one uint16 token stream, documents joined by EOS. A document is a file's
     bytes, or with `hf_format` one row's `text_column` (utf-8) of a local HF `datasets` source."""
     if hf_format is None:
-        docs = [f.read_bytes() for f in source_files(source, key)]
+        docs = [read_file(f, key) for f in source_files(source, key)]
     else:
         docs = [str(row).encode() for row in hf_column(source, key, hf_format, text_column)]
     docs = [d for d in docs if d]
@@ -191,6 +215,7 @@ class ByteCorpus(L.LightningDataModule):
     ) -> None:
         super().__init__()
         require_positive(seq_len=seq_len, batch_size=batch_size, val_seq_len=val_seq_len, val_batch_size=val_batch_size)
+        require_num_workers(num_workers)
         if val_source is None and not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction: must be in (0, 1) when no val_source is given, got {val_fraction}")
         for key, value in (("source", source), ("val_source", val_source), ("test_source", test_source)):

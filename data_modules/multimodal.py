@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from soma_lightning.checkpoint_io import atomic_write
-from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows, hf_column, require_positive, source_files
+from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows, hf_column, require_num_workers, require_positive, source_files
 from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules.modalities import (
     AudioConfig, AudioTokenizer, BadInput, ImageConfig, ImageTokenizer, TokenSpace, framed, read_wav, text_ids,
@@ -126,8 +126,11 @@ def _audiofolder(path: str, key: str, column: str) -> list[tuple[str, object]]:
     metadata = Path(path) / "metadata.csv"
     if not metadata.is_file():
         raise DataError(f"{key}: {path!r} has no metadata.csv (the audiofolder layout: file_name,{column},...)")
-    with open(metadata, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(metadata, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{metadata}: cannot read ({e})") from None
     if not rows or "file_name" not in rows[0] or column not in rows[0]:
         raise DataError(f"{metadata}: expected the columns file_name and {column}, got {', '.join(rows[0]) if rows else 'no rows'}")
     return [(str(Path(path) / r["file_name"]), r[column]) for r in rows]
@@ -151,7 +154,12 @@ def _split(records: list, fraction: float, seed: int, key: str) -> tuple[list, l
 def _load(kind: str, name: str, raw: object, image: ImageTokenizer | None, audio: AudioTokenizer | None) -> object:
     """Read one record (the step where a bad file shows): bytes, (pixels, label), (ids, transcript) or ids."""
     if kind in ("text", "code"):
-        return raw.read_bytes() if isinstance(raw, Path) else str(raw).encode()
+        if not isinstance(raw, Path):
+            return str(raw).encode()
+        try:
+            return raw.read_bytes()
+        except OSError as e:
+            raise BadInput(f"{name}: unreadable file ({e.strerror or e})") from None
     if kind == "image_label":
         file, data, label = raw
         return image.read(file, data), label
@@ -354,6 +362,7 @@ class MultimodalCorpus(L.LightningDataModule):
     ) -> None:
         super().__init__()
         require_positive(seq_len=seq_len, batch_size=batch_size, val_batches=val_batches, val_batch_size=val_batch_size)
+        require_num_workers(num_workers)
         if not sources:
             raise DataError("data.sources: expected at least one source")
         names = [s.name for s in sources]

@@ -2,14 +2,14 @@
 
 import argparse
 import json
+import shutil
 import sys
-import tempfile
 from dataclasses import asdict
-from glob import glob
 from pathlib import Path
 from typing import Optional
 
 import jsonargparse
+from jsonargparse import Namespace
 import lightning as L
 import numpy as np
 import torch
@@ -19,25 +19,27 @@ from lightning.pytorch.cli import LightningCLI, LightningArgumentParser, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from soma_lightning.callbacks import PreemptionCheckpoint, RunInfo
+from soma_lightning.callbacks import NonFiniteGuard, PreemptionCheckpoint, RunInfo
 from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write_safetensors
-from soma_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
-from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, RegexConstraint, RepetitionPenalty
+from soma_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write, describe_write_error
+from soma_lightning.checkpoints import load_module, read_hyperparameters, refuse_url, resolve_checkpoint
+from soma_lightning.generation.constraints import AllowedTokens, DeniedTokens, FactVocabulary, RegexConstraint, RepetitionPenalty
 from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.data_modules.byte_corpus import source_files
 from soma_lightning.data_modules.modalities import TokenSpace, decode_to_files
 from soma_lightning.data_modules.modalities import prompt as modality_prompt
 from soma_lightning.data_modules.multimodal import MultimodalCorpus, Shards, prepare_corpus
-from soma_lightning.errors import UserError
-from soma_lightning.generate import generate, write_trace
+from soma_lightning.errors import TrainingStopped, UserError
+from soma_lightning.generation import generate, write_trace
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
 from soma_lightning.nn.semantic_graph import EDGE_TYPES, build_graph
 from soma_lightning.nn.semantic_state import SemanticStateEmbedding
 from soma_lightning.report import write_report
+from soma_lightning.safe_unpickling import restricted_unpickling
 from soma_lightning.spec import SpecError, build_model, load_spec, read_yaml
-from soma_lightning.v1 import V1_NUM_HEADS, model_from_canonical, score
+from soma_lightning.v1 import V1_NUM_HEADS, WeightsError, check_device, file_size, model_from_canonical, model_size, score, size_mismatch
 
 
 DESCRIPTION = (
@@ -91,10 +93,24 @@ class SomaCLI(LightningCLI):
                 "checkpoint.filename": "best-{step}",
             }
         )
+        parser.add_argument(
+            "--ckpt_spec", choices=["refuse", "checkpoint"], default="refuse",
+            help="when --ckpt_path was trained with other model settings than the config's: refuse, naming the keys "
+            "that differ (default), or take the checkpoint's",
+        )
 
     def before_instantiate_classes(self) -> None:
-        """DeepSpeed's two requirements, which Lightning reports only as a nested type error (deepspeed not
-        installed) or once fit has started (on a CPU)."""
+        """Keys of a config file that jsonargparse drops without a word (spec.check_config_keys), and DeepSpeed's
+        two requirements, which Lightning reports only as a nested type error (deepspeed not installed) or once
+        fit has started (on a CPU)."""
+        from soma_lightning.spec import check_config_keys
+
+        subcommands = self._subcommand_parsers
+        top = [a.dest for a in self.parser._actions] + [f"{name}.{a.dest}" for name, p in subcommands.items() for a in p._actions]
+        for configs, dests in ((self.config.get("config"), top), (self._get(self.config, "config"), [a.dest for a in subcommands[self.subcommand]._actions])):
+            for config in configs or []:
+                if config is not None:
+                    check_config_keys(str(config), dests)
         trainer = self._get(self.config, "trainer")
         strategy = trainer.get("strategy")
         name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
@@ -108,13 +124,61 @@ class SomaCLI(LightningCLI):
         except ImportError as e:
             raise UserError(f"trainer.strategy: {name} needs the deepspeed extra ({e}); pip install 'soma-lightning[deepspeed]'") from None
 
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path`, for every subcommand, before anything is built: a URL is refused (Lightning would
+        unpickle a download with weights_only=False); `last` is the newest last.ckpt of this run name; the
+        checkpoint is read weights-only and its model hyper-parameters compared with the config's. LightningCLI
+        would silently replace the config's `model.*` with the checkpoint's; here they are taken only with
+        `--ckpt_spec checkpoint`, otherwise a difference is refused after the model is built (`_check_ckpt`)."""
+        self._ckpt_hparams = None
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("weights_only") is False:
+            raise UserError("--weights_only: false would let a checkpoint run code when it is loaded; soma-lightning loads checkpoints weights-only")
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        refuse_url(ckpt_path, "--ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = str(_last_checkpoint(_run_root(config.trainer)))
+            config.ckpt_path = ckpt_path
+            print(f"soma-lightning: --ckpt_path last: {ckpt_path}", file=sys.stderr)
+        path = resolve_checkpoint(ckpt_path, "last", "--ckpt_path")
+        config.ckpt_path = str(path)
+        self._ckpt_hparams = read_hyperparameters(path, "--ckpt_path")
+        if self._ckpt_hparams is not None and config.get("ckpt_spec") == "checkpoint":
+            hparams = {k: v for k, v in self._ckpt_hparams.items() if k not in RUNTIME_HPARAMS}
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _check_ckpt(self) -> None:
+        """Refuse a checkpoint whose model hyper-parameters differ from the config's, naming each key."""
+        if self._ckpt_hparams is None:
+            return
+        ignored = RUNTIME_HPARAMS | ({"optim"} if self.subcommand != "fit" else set())
+        mine = _flatten({k: v for k, v in self.model.hparams.items() if k not in ignored}, "model")
+        theirs = _flatten({k: v for k, v in self._ckpt_hparams.items() if k not in ignored}, "model")
+        differ = [f"{key} (checkpoint {theirs.get(key, '-')}, config {mine.get(key, '-')})" for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key)]
+        if differ:
+            ckpt = self.config_init[self.subcommand].get("ckpt_path")
+            shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+            raise UserError(
+                f"--ckpt_path: {ckpt} was trained with other model settings: {shown}. Use the run's config.yaml, or pass "
+                "--ckpt_spec checkpoint to take the checkpoint's values"
+            )
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Every run also gets PreemptionCheckpoint, RunInfo, and LearningRateMonitor when it has a logger (not
-        configurable, so never duplicated by a spec); the loggers share one version directory. Lightning rejects
-        a bad strategy, accelerator or precision with a ValueError: the user's mistake in a `trainer.*` key."""
-        has_logger = self._get(self.config_init, "trainer").get("logger") not in (None, False, [])
+        """Every run also gets PreemptionCheckpoint, RunInfo, NonFiniteGuard (unless the spec configures its
+        own) and LearningRateMonitor when it has a logger; the loggers share one version directory. Lightning
+        rejects a bad strategy, accelerator or precision with a ValueError: the user's mistake in a `trainer.*`
+        key."""
+        trainer_config = self._get(self.config_init, "trainer")
+        has_logger = trainer_config.get("logger") not in (None, False, [])
+        has_guard = any(isinstance(c, NonFiniteGuard) for c in trainer_config.get("callbacks") or [])
         self.trainer_defaults["callbacks"] = [
-            PreemptionCheckpoint(), RunInfo(), *([LearningRateMonitor(logging_interval="step")] if has_logger else []),
+            PreemptionCheckpoint(), RunInfo(), *([] if has_guard else [NonFiniteGuard()]),
+            *([LearningRateMonitor(logging_interval="step")] if has_logger else []),
         ]
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -124,29 +188,61 @@ class SomaCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """`--ckpt_path last`: the newest last.ckpt of any earlier version of this run's logger directory."""
-        config = self.config_init["fit"]
-        if config.get("ckpt_path") != "last":
-            return
-        root = getattr(self.trainer.logger, "root_dir", None) or self.trainer.default_root_dir
-        candidates = glob(str(Path(root) / "*" / "checkpoints" / "last.ckpt"))
-        if not candidates:
-            raise UserError(f"--ckpt_path last: no last.ckpt under {root}/*/checkpoints/ to resume from")
-        config["ckpt_path"] = max(candidates, key=lambda p: Path(p).stat().st_mtime)
-        print(f"soma-lightning: resuming from {config['ckpt_path']}", file=sys.stderr)
+        self._check_ckpt()
+        root = Path(getattr(self.trainer.logger, "root_dir", None) or self.trainer.default_root_dir)
+        for partial in root.glob("*/checkpoints/*.ckpt.tmp"):
+            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+            print(f"soma-lightning: removed {partial}, left by an interrupted save", file=sys.stderr)
+
+    def after_fit(self) -> None:
+        """A run stopped by NonFiniteGuard ends with its one-line report and a non-zero exit."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, NonFiniteGuard) and callback.action == "stop" and callback.last_report is not None:
+                raise TrainingStopped(f"training stopped: {callback.last_report['message']}")
+
+    before_validate = before_test = before_predict = _check_ckpt
+
+
+# Settings of how a model runs, not what it is: they may differ between a checkpoint and the run that loads it.
+RUNTIME_HPARAMS = {"compile", "activation_checkpointing", "init_weights"}
+
+
+def _flatten(value: object, prefix: str) -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def _run_root(trainer: Namespace) -> Path:
+    """runs/NAME of a run's config: its first logger's save_dir/name (as the loggers lay out version_N), else
+    Lightning's default_root_dir/lightning_logs."""
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = logger.get("init_args") if isinstance(logger, (dict, Namespace)) else None
+        if init is not None and init.get("save_dir") is not None:
+            return Path(init["save_dir"]) / (init.get("name") or "lightning_logs")
+    return Path(trainer.get("default_root_dir") or ".") / "lightning_logs"
+
+
+def _last_checkpoint(root: Path) -> Path:
+    candidates = list(root.glob("*/checkpoints/last.ckpt"))
+    if not candidates:
+        raise UserError(f"--ckpt_path last: no last.ckpt under {root}/*/checkpoints/")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    SomaCLI(
-        SomaLM,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_callback=LogConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
-        args=args,
-    )
+    with restricted_unpickling():
+        SomaCLI(
+            SomaLM,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_callback=LogConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
+            args=args,
+        )
 
 
 def inspect_spec(config: str) -> dict:
@@ -206,76 +302,47 @@ def inspect_main(args: list[str]) -> None:
         _print_inspection(info)
 
 
-def _checkpoint_of(path: str, which: str) -> Path:
-    """A checkpoint (a .ckpt file, or a sharded checkpoint folder), or the best / last checkpoint of a run
-    directory (runs/NAME/version_N)."""
-    p = Path(path)
-    if p.is_file() or (p / SHARDED_METADATA).is_file() or (p / DEEPSPEED_LATEST).is_file():
-        return p
-    if not p.is_dir():
-        raise UserError(f"--ckpt: {path!r} is neither a checkpoint nor a run directory")
-    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
-    found = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime)
-    if not found:
-        raise UserError(f"--ckpt: no {pattern} in {folder}")
-    return found[-1]
-
-
-SHARDED_METADATA = "meta.pt"  # what Lightning's FSDP and ModelParallel strategies write beside the shards
-DEEPSPEED_LATEST = "latest"  # what DeepSpeed writes into its checkpoint folders
-
-
-def _load_sharded(path: Path) -> SomaLM:
-    """A SomaLM holding the full weights of a sharded (torch.distributed.checkpoint) checkpoint folder,
-    read in this one process. Lightning's ModelParallelStrategy (FSDP2) stores the weights under
-    "state_dict", its FSDPStrategy (FSDP1) under "model"."""
-    import torch.distributed.checkpoint as dcp
-
-    meta = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
-    module = SomaLM(**(meta["hyper_parameters"] | {"init_weights": None}))
-    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    top = "model" if any(key.startswith("model.model.") for key in stored) else "state_dict"
-    state = {top: module.state_dict()}
-    dcp.load(state, checkpoint_id=path)
-    module.load_state_dict(state[top])
-    return module
-
-
-def _load_deepspeed(path: Path) -> SomaLM:
-    """A SomaLM holding the full float32 weights of a DeepSpeed ZeRO checkpoint folder, consolidated by
-    Lightning's converter (needs the `deepspeed` extra)."""
-    try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-    except ImportError as e:
-        raise UserError(f"--ckpt: {path} is a DeepSpeed checkpoint; reading it needs the deepspeed extra ({e})") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        consolidated = Path(tmp) / "consolidated.ckpt"
-        convert_zero_checkpoint_to_fp32_state_dict(path, consolidated)
-        return SomaLM.load_from_checkpoint(consolidated, map_location="cpu", init_weights=None)
-
-
 def _load_run(ckpt: str, which: str) -> tuple[Path, SomaLM]:
-    path = _checkpoint_of(ckpt, which)
-    try:
-        if (path / DEEPSPEED_LATEST).is_file():
-            return path, _load_deepspeed(path)
-        if path.is_dir():
-            return path, _load_sharded(path)
-        return path, SomaLM.load_from_checkpoint(path, map_location="cpu", init_weights=None)
-    except (KeyError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UserError(f"--ckpt: {path} is not a soma-lightning checkpoint ({type(e).__name__}: {e})") from None
+    path = resolve_checkpoint(ckpt, which)
+    return path, load_module(path)
 
 
-def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: str = "auto") -> dict:
+def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: str = "auto", strict_v1: bool = False) -> dict:
     """Write a run's weights as one safetensors file: a .ckpt, or a sharded checkpoint folder (FSDP2, FSDP1
     or DeepSpeed ZeRO) consolidated. `layout`: canonical (SOMA V1's layout, 389 keys for the full model,
     F32), state_dict (the model's own tensors with the resolved spec in the metadata), auto (canonical for a
-    V1-shaped model)."""
+    V1-shaped model). `strict_v1`: refuse a model that is not the registered V1 size, the only one the
+    network loads."""
+    if strict_v1 and layout == "state_dict":
+        raise UserError("--strict-v1: checks the canonical V1 layout, but --layout is state_dict")
+    target = Path(out)
+    if target.is_dir():
+        raise UserError(f"--out: {out} is a directory; expected the path of the .safetensors file to write")
+    source = resolve_checkpoint(ckpt, which)
+    # Of a run directory, every checkpoint is kept safe: exporting best over last.ckpt would lose last.ckpt.
+    run_checkpoints = list(source.parent.glob("*.ckpt")) if Path(ckpt).is_dir() and source != Path(ckpt) else []
+    for checkpoint in [source, *run_checkpoints]:
+        inside = checkpoint.is_dir() and target.resolve().is_relative_to(checkpoint.resolve())
+        if inside or target.resolve() == checkpoint.resolve() or (target.exists() and target.samefile(checkpoint)):
+            where = f"is inside the checkpoint folder {checkpoint}" if inside else f"is the checkpoint {checkpoint}"
+            raise UserError(f"--out: {out} {where} of --ckpt {ckpt}; writing there would destroy it, pick another path")
     path, module = _load_run(ckpt, which)
-    canonical = layout == "canonical" or (layout == "auto" and is_v1(module.model))
+    if strict_v1:
+        try:
+            mismatch = size_mismatch(model_size(module.model))
+        except WeightsError as e:
+            raise UserError(f"--strict-v1: {path}: {e}") from None
+        if mismatch:
+            raise UserError(f"--strict-v1: {path} is {mismatch}")
+    canonical = strict_v1 or layout == "canonical" or (layout == "auto" and is_v1(module.model))
     tensors = full_state(module.model)
-    write_safetensors(module.model, tensors, module.arch, out, canonical)
+    existed = target.is_file()
+    try:
+        write_safetensors(module.model, tensors, module.arch, out, canonical)
+    except Exception as e:
+        if (reason := describe_write_error(out, e)) is None:
+            raise
+        raise UserError(f"--out: {reason}; " + ("the previous file is unchanged" if existed else "nothing was written")) from None
     return {"ckpt": str(path), "out": out, "layout": "canonical" if canonical else "state_dict", "keys": len(tensors), "parameters": count_parameters(module.model)[0]}
 
 
@@ -285,13 +352,17 @@ def export_main(args: list[str]) -> None:
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     parser.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint of a run directory")
     parser.add_argument("--layout", choices=["auto", "canonical", "state_dict"], default="auto")
+    parser.add_argument("--strict-v1", action="store_true", help="refuse a model that is not the registered V1 size (d_model 2048, 24 layers, 8 heads, hidden 8192)")
     cfg = parser.parse_args(args)
-    print(json.dumps(export_checkpoint(cfg.ckpt, cfg.out, cfg.which, cfg.layout)))
+    print(json.dumps(export_checkpoint(cfg.ckpt, cfg.out, cfg.which, cfg.layout, cfg.strict_v1)))
 
 
 def read_data(path: str) -> bytes:
-    """The bytes of a file, or of every file of a directory (sorted by path) concatenated."""
-    return b"".join(f.read_bytes() for f in source_files(path, "--data"))
+    """The bytes of a file, or of every file of a directory (sorted by path) concatenated; none is an error."""
+    data = b"".join(f.read_bytes() for f in source_files(path, "--data"))
+    if not data:
+        raise UserError(f"--data: no data to score (0 bytes in {path}); the canonical scorer fails with EmptyData")
+    return data
 
 
 def score_main(args: list[str]) -> None:
@@ -309,12 +380,30 @@ def score_main(args: list[str]) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast")
     parser.add_argument("--attention", choices=["reference", "sdpa"], default="reference", help="reference: plain softmax, the reference's arithmetic; sdpa: fused kernels")
     parser.add_argument("--embedding-out", default=None, help="save the embedding vector here (.npy)")
+    parser.add_argument("--strict-v1", action="store_true", help="refuse weights that are not the registered V1 size (default: a warning)")
     cfg = parser.parse_args(args)
-    model = model_from_canonical(cfg.weights, cfg.num_heads, cfg.device, cfg.attention)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    result, embedding = score(model, read_data(cfg.data), cfg.seed, cfg.batch_size, autocast_dtype=dtype)
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size: expected a positive number of sequences per batch, got {cfg.batch_size}")
+    device = check_device(cfg.device)
     if cfg.embedding_out:
-        np.save(cfg.embedding_out, embedding.numpy())
+        out = Path(cfg.embedding_out)
+        if out.is_dir():
+            raise UserError(f"--embedding-out: {out} is a directory; expected the path of a .npy file")
+        if not out.parent.is_dir():
+            raise UserError(f"--embedding-out: the folder {out.parent} does not exist; create it first")
+    if mismatch := size_mismatch(file_size(cfg.weights, cfg.num_heads)):
+        if cfg.strict_v1:
+            raise UserError(f"--strict-v1: {cfg.weights} is {mismatch}")
+        print(f"soma-lightning: warning: {cfg.weights} is {mismatch}; scoring it anyway (--strict-v1 refuses)", file=sys.stderr)
+    data = read_data(cfg.data)
+    model = model_from_canonical(cfg.weights, cfg.num_heads, str(device), cfg.attention)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    result, embedding = score(model, data, cfg.seed, cfg.batch_size, autocast_dtype=dtype)
+    if cfg.embedding_out:
+        try:
+            np.save(cfg.embedding_out, embedding.numpy())
+        except OSError as e:
+            raise UserError(f"--embedding-out: {describe_write_error(cfg.embedding_out, e) or e}") from None
     print(json.dumps(asdict(result)))
 
 
@@ -454,7 +543,7 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--allowed-bytes", default=None, help="only these bytes (and EOS) may be emitted")
     parser.add_argument("--denied-bytes", default=None, help="these bytes may not be emitted")
     parser.add_argument("--facts", default=None, help="a file of fact strings (one per line): words must come from them or the function words")
-    parser.add_argument("--regex", default=None, help="the generated text must match this pattern (see soma_lightning/constraints.py for the subset)")
+    parser.add_argument("--regex", default=None, help="the generated text must match this pattern (see soma_lightning/generation/regex.py for the subset)")
     parser.add_argument("--repetition-penalty", type=Optional[float], default=None)
     parser.add_argument("--trace", default=None, help="write one JSON line per emitted token: probability, constraint decisions, provenance")
     parser.add_argument("--speculative", action="store_true", help="draft with the model's MTP heads, verify with the main head (greedy)")
@@ -470,6 +559,7 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--tokens-out", default=None, help="also write the prompt and generated ids as .npy (for `soma-lightning decode --tokens`)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     cfg = parser.parse_args(args)
+    check_device(cfg.device)
     _, module = _load_run(cfg.ckpt, cfg.which)
     ranges = module.arch.vocab_ranges
     if cfg.modality == "text":

@@ -8,11 +8,12 @@ device, before any weight is allocated; every error names the YAML key path.
 
 import importlib
 import inspect
+import os
 import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Iterable, Literal, Union
 
 import torch
 import yaml
@@ -61,8 +62,9 @@ class ModelSpec:
     registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`. An
     `mtp` sublayer places multi-token-prediction heads at that point of the block (training only).
     `input_embeddings`: embedding components added to the token embedding (e.g. hashed_ngram, modality).
-    `vocab_ranges`: the token space per modality, `{name: [start, end)}`; batches with ids outside every
-    range are refused when they arrive.
+    `vocab_size`: at least 258, the byte ids 0-255 with PAD 256 and EOS 257 (data_modules/contract.py).
+    `vocab_ranges`: the token space per modality, `{name: [start, end)}`, PAD and EOS inside one of them;
+    batches with ids outside every range are refused when they arrive.
     `mtp`: DeepSeek-V3-style sequential MTP modules after the last layer, `{horizons: H, block: <a block
     name>, loss_weight: w}`: depth k (1..H) runs its own copy of that block and predicts token t+1+k.
     `token_embedding`: replaces the plain token table (null) with a component that also receives the
@@ -71,19 +73,22 @@ class ModelSpec:
     draws every Linear and Embedding weight from N(0, init_std) and zeroes their biases (GPT-2's scheme
     without its residual scaling), after the components' own initialisation."""
 
+    # Mappings that hold components are plain `dict`, not `dict[str, Any]`: jsonargparse (the CLI) parses a
+    # `{class_path: ..., init_args: ...}` value of an `Any` as its own subclass spec, while a plain dict's
+    # values are left as written for _plan to resolve.
     d_model: int
     n_layers: int
-    blocks: dict[str, list[dict[str, Any]]]
+    blocks: dict[str, list[dict]]
     pattern: list[str] | None = None
     vocab_size: int = 264
     max_seq_len: int = 1024
     dropout: float = 0.0
-    final_norm: str | dict[str, Any] = "layernorm"
+    final_norm: str | dict = "layernorm"
     predictor_bias: bool = True
-    input_embeddings: list[str | dict[str, Any]] = field(default_factory=list)
+    input_embeddings: list[str | dict] = field(default_factory=list)
     vocab_ranges: dict[str, list[int]] | None = None
-    mtp: dict[str, Any] | None = None
-    token_embedding: str | dict[str, Any] | None = None
+    mtp: dict | None = None
+    token_embedding: str | dict | None = None
     init_std: float | None = None
 
 
@@ -228,11 +233,23 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
         raise SpecError(f"{path}.init_std: must be positive or null, got {spec.init_std}")
     if not 0.0 <= spec.dropout < 1.0:
         raise SpecError(f"{path}.dropout: must be in [0, 1), got {spec.dropout}")
+    # Imported here: soma_lightning.data_modules imports this module.
+    from soma_lightning.data_modules.contract import EOS, PAD
+
+    specials = max(PAD, EOS) + 1
+    if spec.vocab_size < specials:
+        raise SpecError(
+            f"{path}.vocab_size: must be at least {specials} to hold the byte ids 0-255, PAD {PAD} and EOS {EOS} "
+            f"(every data module's batches hold them), got {spec.vocab_size}"
+        )
     if spec.vocab_ranges is not None:
         try:
             check_ranges(spec.vocab_ranges, spec.vocab_size, f"{path}.vocab_ranges")
         except ValueError as e:
             raise SpecError(str(e)) from None
+        for special in (PAD, EOS):
+            if not any(start <= special < end for start, end in spec.vocab_ranges.values()):
+                raise SpecError(f"{path}.vocab_ranges: PAD {PAD} and EOS {EOS} must lie in a declared range (e.g. specials: [256, 264]); {special} lies in none")
 
 
 def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:
@@ -367,10 +384,44 @@ def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None
     plan = _plan(spec, path)
     with torch.device("meta"):
         model = _assemble(spec, plan)
-    if torch.device(device or "cpu").type == "meta":
+    target = torch.device(device or "cpu")
+    if target.type == "meta":
         return model
-    with torch.device(device or "cpu"):
+    _check_fits(model, target, path)
+    with torch.device(target):
         return _assemble(spec, plan)
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated now on `device` (cpu or cuda), or None where that is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def _check_fits(model: SomaModel, device: torch.device, path: str) -> None:
+    """A SpecError, before any weight is allocated, when the weights alone exceed the memory available on `device`."""
+    dtype = torch.get_default_dtype()
+    count = sum(p.numel() for p in model.parameters())
+    needed = count * dtype.itemsize
+    available = _available_memory(device)
+    if available is not None and needed > available:
+        raise SpecError(
+            f"{path}: the model has {count:,} parameters, {needed:,} bytes ({needed / 2**30:,.1f} GiB) of {str(dtype).removeprefix('torch.')} "
+            f"weights, more than the {available:,} bytes ({available / 2**30:,.1f} GiB) available on {device}"
+        )
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -406,3 +457,28 @@ def load_spec(path: str) -> ModelSpec:
         return spec
     except SpecError as e:
         raise SpecError(f"{path}: {e}") from None
+
+
+def _holds_nothing(value: Any) -> bool:
+    return isinstance(value, dict) and all(_holds_nothing(v) for v in value.values())
+
+
+def check_config_keys(path: str, dests: Iterable[str]) -> None:
+    """A SpecError naming the first key of the config file `path` that the command does not take; `dests` are
+    the dotted names of its arguments. jsonargparse reports such keys itself, except one whose value is a
+    mapping with nothing in it (`modle: {arch: {}}`): that one it drops without a word."""
+    values = {d for d in dests if d.rsplit(".", 1)[-1] != "help"}
+    branches = {d.rsplit(".", k)[0] for d in values for k in range(1, d.count(".") + 1)}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in branches and isinstance(value, dict):
+                walk(value, name + ".")
+            elif name not in values and name not in branches and _holds_nothing(value):
+                valid = sorted({n.removeprefix(prefix).split(".")[0] for n in values if n.startswith(prefix)})
+                raise SpecError(f"{path}: {name}: unknown key; valid keys{' under ' + prefix[:-1] if prefix else ''}: {', '.join(valid)}")
+
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        walk(raw, "")

@@ -6,6 +6,8 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from soma_lightning.safe_unpickling import restricted_unpickling
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over all ranks: the device mesh is (data_parallel = world size, tensor_parallel = 1), and
@@ -21,6 +23,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, with the folder's DCP metadata read without running code (safe_unpickling.py)."""
+        with restricted_unpickling():
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(str(filepath)))

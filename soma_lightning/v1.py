@@ -8,23 +8,26 @@ with seed + b; CE summed over non-PAD targets divided by rows x S (PAD in the de
 """
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from soma_lightning.data_modules.contract import PAD, tokenize
-from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.checkpoint_io import atomic_write, ordinary_mode
 from soma_lightning.errors import UserError
 from soma_lightning.nn.model import SomaModel
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, SpecError, build_model
 
+# The registered V1 size (contract section 1): the network's scorer loads weights into this config only.
+V1_D_MODEL, V1_N_LAYERS, V1_HIDDEN_DIM, V1_VOCAB_SIZE = 2048, 24, 8192, 264
 V1_NUM_HEADS = 8
 ONCHAIN_SIGREG = SIGRegConfig()  # 0.02, 256 slices, 17 points, t_max 3: fixed in ModelRunner::new
 
@@ -119,7 +122,12 @@ def _check(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], whe
 def save_canonical(model: SomaModel, path: str | os.PathLike, state: dict[str, Tensor] | None = None) -> None:
     """Write the canonical safetensors file atomically (checkpoint_io.atomic_write)."""
     tensors = canonical_state_dict(model, state)
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        ordinary_mode(tmp)
+
+    atomic_write(Path(path), write)
 
 
 def read_canonical(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -135,16 +143,61 @@ def read_canonical(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
-def dims_of(tensors: dict[str, Tensor], where: str) -> tuple[int, int, int, int]:
-    """(d_model, n_layers, hidden_dim, vocab_size) read off canonical shapes."""
+def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of a safetensors file, from its header alone (no tensor is read)."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def dims_of(tensors: Mapping[str, Tensor | tuple[int, ...]], where: str) -> tuple[int, int, int, int]:
+    """(d_model, n_layers, hidden_dim, vocab_size) read off canonical shapes: of tensors, or the shapes
+    themselves (`file_shapes`)."""
+    shapes = {key: tuple(value.shape) if isinstance(value, Tensor) else tuple(value) for key, value in tensors.items()}
     for key in ("embedding.weight", "encoder.layers.0.pwff.linear_inner.weight"):
-        if key not in tensors or tensors[key].ndim != 2:
+        if len(shapes.get(key, ())) != 2:
             raise WeightsError(f"{where}: no 2-D {key!r}; not a SOMA V1 canonical file")
-    vocab, d_model = tensors["embedding.weight"].shape
+    vocab, d_model = shapes["embedding.weight"]
     n_layers = 0
-    while f"encoder.layers.{n_layers}.norm_1.gamma" in tensors:
+    while f"encoder.layers.{n_layers}.norm_1.gamma" in shapes:
         n_layers += 1
-    return d_model, n_layers, tensors["encoder.layers.0.pwff.linear_inner.weight"].shape[1], vocab
+    return d_model, n_layers, shapes["encoder.layers.0.pwff.linear_inner.weight"][1], vocab
+
+
+Size = tuple[int, int, int, int, int]  # d_model, n_layers, hidden_dim, vocab_size, num_heads
+REGISTERED_SIZE: Size = (V1_D_MODEL, V1_N_LAYERS, V1_HIDDEN_DIM, V1_VOCAB_SIZE, V1_NUM_HEADS)
+
+
+def _describe(size: Size) -> str:
+    d_model, n_layers, hidden_dim, vocab_size, num_heads = size
+    return f"d_model {d_model}, {n_layers} layers, {num_heads} heads, hidden {hidden_dim}, vocab {vocab_size}"
+
+
+def size_mismatch(size: Size) -> str | None:
+    """None for the registered V1 size, the only one the network's scorer loads; otherwise what differs."""
+    if tuple(size) == REGISTERED_SIZE:
+        return None
+    return f"{_describe(size)}, not the registered V1 size ({_describe(REGISTERED_SIZE)}) that the network's scorer loads"
+
+
+def file_size(path: str | os.PathLike, num_heads: int) -> Size:
+    """The size of a canonical file, from its header (no tensor is read); the head count is the caller's,
+    as shapes cannot tell it."""
+    return (*dims_of(file_shapes(path), str(path)), num_heads)
+
+
+def model_size(model: SomaModel) -> Size:
+    """(d_model, n_layers, hidden_dim, vocab_size, num_heads) of a V1-shaped model; WeightsError otherwise."""
+    dims = _v1_dims(model)
+    try:
+        num_heads = model.encoder.layers[0].attention.num_heads
+    except AttributeError:
+        raise WeightsError("the model is not SOMA V1-shaped (no encoder.layers.0.attention with heads); the canonical layout is V1's only") from None
+    return (*dims, num_heads)
 
 
 def load_canonical(model: SomaModel, tensors: dict[str, Tensor], where: str = "weights") -> None:
@@ -165,6 +218,23 @@ def model_from_canonical(path: str | os.PathLike, num_heads: int = V1_NUM_HEADS,
         raise WeightsError(f"--num-heads {num_heads} with d_model {d_model} from {path}: {e}") from None
     load_canonical(model, tensors, str(path))
     return model.to(device).eval()
+
+
+def check_device(device: str, flag: str = "--device") -> torch.device:
+    """The torch device a `--device` argument names, refused (UserError) when it is not cpu or cuda[:N], or
+    when that CUDA device is not there."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag}: expected cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag}: {device} asked for, but no CUDA device is available (torch {torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"{flag}: {device} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
 
 
 def arrgen_noise(seed: int, d_model: int, slices: int = 256) -> Tensor:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent, short_conv
+from soma_lightning.nn.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent, short_conv
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 
 B, T, H, HV, K, V = 2, 100, 2, 4, 16, 16
@@ -128,7 +128,7 @@ def test_auto_trains_in_pytorch_where_fla_backward_is_blocked(monkeypatch):
     fla for a forward that needs a gradient there (checked on CPU with a stand-in for a CUDA tensor)."""
     from types import SimpleNamespace
 
-    import soma_lightning.nn.delta_rule as delta_rule
+    import soma_lightning.nn.ops.delta_rule as delta_rule
 
     on_cuda, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
     monkeypatch.setattr(delta_rule, "_fla_importable", lambda: True)

@@ -14,14 +14,14 @@ import yaml
 
 from soma_lightning import build_model, load_spec
 from soma_lightning.cli import main
-from soma_lightning.constraints import AllowedTokens, DeniedTokens, FactVocabulary, LogitsProcessor, RegexConstraint, RepetitionPenalty
+from soma_lightning.generation.constraints import AllowedTokens, DeniedTokens, FactVocabulary, LogitsProcessor, RegexConstraint, RepetitionPenalty
 from soma_lightning.data_modules.contract import EOS, PAD
 from soma_lightning.data_modules.structure import StructureScanner, batch_structure, byte_structure
 from soma_lightning.errors import UserError
-from soma_lightning import generate as generation
-from soma_lightning.generate import dropless, generate, static_blocker
+from soma_lightning.generation import cuda_graph, sampling
+from soma_lightning.generation import dropless, generate, static_blocker
 from soma_lightning.nn.decode import DecodeState, StaticKVCache
-from soma_lightning.nn.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from soma_lightning.nn.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from soma_lightning.spec import spec_from_dict
 from conftest import train_tiny_spec
 
@@ -147,10 +147,10 @@ def test_static_cache_generation_equals_the_growing_cache_and_full_recompute(spe
     runs to max_new_tokens. The static decoder is kept from an earlier, longer generation (stale caches)."""
     model = _model(spec)
     prompt, processors = _prompt(4, 30), [EndRows([5, 11, None, None], dead_row=2, dead_after=8)]
-    earlier = generation._generate(model, _prompt(4, 40), 30, 0.0, None, None, 0, [], "static", False)
-    kept = generation._static_decoders[model]
-    static = generation._generate(model, prompt, 30, 0.0, None, None, 0, processors, "static", False)
-    assert generation._static_decoders[model] is kept  # fits: one capture per batch size and capacity on a GPU
+    earlier = sampling._generate(model, _prompt(4, 40), 30, 0.0, None, None, 0, [], "static", False)
+    kept = cuda_graph._static_decoders[model]
+    static = sampling._generate(model, prompt, 30, 0.0, None, None, 0, processors, "static", False)
+    assert cuda_graph._static_decoders[model] is kept  # fits: one capture per batch size and capacity on a GPU
     growing = generate(model, prompt, 30, processors=processors)
     full = generate(model, prompt, 30, processors=processors, use_cache=False)
     assert static.tokens == growing.tokens == full.tokens and static.stop_reasons == growing.stop_reasons == full.stop_reasons
@@ -164,11 +164,11 @@ def test_static_decoder_is_rebuilt_when_the_parameters_change():
     """A kept static decoder (and on a GPU its graph) reads the parameter tensors it was built with: after
     `.double()` a new one, with float64 caches, decodes as the growing cache does."""
     model = _model("specs/quickstart.yaml")
-    generation._generate(model, _prompt(2, 20), 8, 0.0, None, None, 0, [], "static", False)
-    kept = generation._static_decoders[model]
+    sampling._generate(model, _prompt(2, 20), 8, 0.0, None, None, 0, [], "static", False)
+    kept = cuda_graph._static_decoders[model]
     model.double()
-    static = generation._generate(model, _prompt(2, 20), 8, 0.0, None, None, 0, [], "static", False)
-    assert generation._static_decoders[model] is not kept
+    static = sampling._generate(model, _prompt(2, 20), 8, 0.0, None, None, 0, [], "static", False)
+    assert cuda_graph._static_decoders[model] is not kept
     assert static.tokens == generate(model, _prompt(2, 20), 8).tokens
 
 
@@ -367,6 +367,7 @@ def test_speculative_decoding_emits_only_what_plain_decoding_may():
     assert generate(model, prompt, 20, speculative=True).tokens == plain.tokens
 
 
+@pytest.mark.slow
 def test_generate_command_with_constraints_and_trace(tmp_path, capsys):
     train_tiny_spec("specs/hybrid_tiny.yaml", tmp_path, steps=30)
     run = tmp_path / "runs" / "hybrid_tiny" / "version_0"

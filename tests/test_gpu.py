@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from soma_lightning import build_model
-from soma_lightning.nn.attention import causal_attention_reference
+from soma_lightning.nn.ops.attention.reference import causal_attention_reference
 from conftest import tiny_v1_arch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -57,7 +57,7 @@ def test_flex_local_global_with_documents_equals_dense_reference_values_and_grad
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_structural_bias_equals_dense_reference_values_and_gradients(dtype):
-    """With documents. The bias table's gradient comes from structure_grad.py's kernel. In bf16 at head dim 64
+    """With documents. The bias table's gradient comes from ops/attention/structure_grad.py's kernel. In bf16 at head dim 64
     the plain local+global layers also run with HOPPER_HEAD_DIM_64_TILES on an H100."""
     from soma_lightning.data_modules.structure import batch_structure
     from soma_lightning.nn.context import SequenceContext
@@ -120,7 +120,7 @@ def test_moe_grouped_forward_and_backward_never_wait_for_the_host():
 
 def _skip_where_fla_backward_is_blocked() -> None:
     """fla raises in its own backward on this software stack; impl "auto" falls back (tests/test_gated_deltanet.py)."""
-    from soma_lightning.nn.delta_rule import fla_backward_blocked
+    from soma_lightning.nn.ops.delta_rule import fla_backward_blocked
 
     if reason := fla_backward_blocked():
         pytest.skip(reason)
@@ -129,7 +129,7 @@ def _skip_where_fla_backward_is_blocked() -> None:
 @cuda
 @pytest.mark.parametrize("resets", [False, True])
 def test_fla_gated_delta_rule_equals_the_torch_reference_values_and_gradients(resets):
-    from soma_lightning.nn.delta_rule import gated_delta_rule
+    from soma_lightning.nn.ops.delta_rule import gated_delta_rule
 
     _skip_where_fla_backward_is_blocked()
 
@@ -241,7 +241,8 @@ def test_cuda_graph_decoding_equals_the_eager_cache_in_bf16(arch, batch):
     """bf16 weights, 200-token prompts, 64 greedy tokens: the graph path equals the eager cached path (up to
     a near-tie, see above); the static decoder and its graph are kept for the next call, which replays the
     same graph and gives the same tokens."""
-    from soma_lightning.generate import _static_decoders, generate
+    from soma_lightning.generation import generate
+    from soma_lightning.generation.cuda_graph import _static_decoders
 
     torch.manual_seed(0)
     model = (build_model(tiny_v1_arch(d_model=256, num_heads=2, hidden_dim=1024), device="cuda") if arch == "v1" else _gqa_window_model())
@@ -262,7 +263,7 @@ def test_cuda_graph_decoding_equals_the_eager_cache_in_float32_and_under_autocas
     """float32: token for token. Under bf16 autocast (float32 weights): the graph is captured without
     autocast's weight cache, so a second call, after the first call's autocast region freed its cache,
     still replays correctly."""
-    from soma_lightning.generate import generate
+    from soma_lightning.generation import generate
 
     torch.manual_seed(0)
     model = build_model(tiny_v1_arch(d_model=256, num_heads=2, hidden_dim=1024), device="cuda").eval()

@@ -1,8 +1,13 @@
 import pytest
 import torch
 
+from soma_lightning import build_model
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.gqa import GroupedQueryAttention, dense_mask, visible
+from soma_lightning.nn.gqa import GroupedQueryAttention
+from soma_lightning.nn.ops.attention.backends import FlexBackend, SDPABackend
+from soma_lightning.nn.ops.attention.masks import dense_mask, visible
+from soma_lightning.spec import SpecError
+from conftest import tiny_v1_arch
 
 
 def _ctx(b, t, doc_ids=None):
@@ -77,3 +82,36 @@ def test_flops_count_keys_in_the_pattern(t, window, stride):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GroupedQueryAttention(24, **kwargs)
+
+
+def test_flex_refuses_attention_dropout_at_construction():
+    """FlexAttention has no dropout: asking for both is an error up front, not dropout silently skipped."""
+    with pytest.raises(ValueError, match="^dropout: impl 'flex' has no attention dropout"):
+        GroupedQueryAttention(24, num_heads=4, window=8, dropout=0.1, impl="flex")
+    GroupedQueryAttention(24, num_heads=4, window=8, impl="flex")
+    arch = tiny_v1_arch(d_model=32, hidden_dim=32, dropout=0.1)
+    arch["blocks"]["layer"][0]["mixer"] = {"type": "gqa", "num_heads": 4, "window": 8, "impl": "flex"}
+    with pytest.raises(SpecError, match=r"mixer\.dropout: impl 'flex' has no attention dropout"):
+        build_model(arch)
+
+
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "reference"])
+def test_attention_dropout_applies_in_training_only(impl):
+    b, t = 2, 30
+    attn = GroupedQueryAttention(24, num_heads=4, num_kv_heads=2, window=7, global_stride=4, dropout=0.5, impl=impl)
+    x, docs = torch.randn(b, t, 24), _docs(b, t)
+    with torch.no_grad():
+        assert not torch.allclose(attn(x, _ctx(b, t, docs)), attn(x, _ctx(b, t, docs)))
+        attn.eval()
+        torch.testing.assert_close(attn(x, _ctx(b, t, docs)), attn(x, _ctx(b, t, docs)))
+
+
+def test_auto_takes_flex_on_cuda_only_without_dropout():
+    """Checked on CPU with a stand-in for a CUDA tensor: training with dropout runs SDPA, which can drop."""
+    from types import SimpleNamespace
+
+    attn = GroupedQueryAttention(24, num_heads=4, window=8, dropout=0.1)
+    on_cuda, on_cpu, ctx = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False), _ctx(1, 8)
+    assert isinstance(attn.backend.pick(on_cuda, ctx, None, 0.0), FlexBackend)
+    assert isinstance(attn.backend.pick(on_cuda, ctx, None, 0.1), SDPABackend)
+    assert isinstance(attn.backend.pick(on_cpu, ctx, None, 0.0), SDPABackend)

@@ -1,5 +1,7 @@
 """The hybrid superblock specs: sizes against the analytic formula, and a CPU training smoke run."""
 
+import pytest
+
 from soma_lightning import build_model, load_spec
 from soma_lightning.measure import count_parameters
 from conftest import train_tiny_spec
@@ -33,6 +35,7 @@ def test_one_h100_spec_sizes():
     assert 0.6e9 < total < 0.75e9 and 0.1e9 < active < 0.2e9
 
 
+@pytest.mark.slow
 def test_tiny_spec_trains_on_cpu_with_mtp_and_routing_metrics(tmp_path):
     rows = [r for r in train_tiny_spec("specs/hybrid_tiny.yaml", tmp_path) if r.get("train/loss")]
     losses = [float(r["train/loss"]) for r in rows]

@@ -1,5 +1,7 @@
 """The GPT-5-style MoE specs: sizes against the analytic formula, and a CPU training smoke run."""
 
+import pytest
+
 from soma_lightning import build_model, load_spec
 from soma_lightning.measure import count_parameters
 from conftest import train_tiny_spec
@@ -28,6 +30,7 @@ def test_one_h100_spec_is_about_1b_total_300m_active():
     assert 0.9e9 < total < 1.1e9 and 0.25e9 < active < 0.35e9
 
 
+@pytest.mark.slow
 def test_tiny_spec_trains_on_cpu_with_routing_metrics(tmp_path):
     rows = train_tiny_spec("specs/gpt5_moe_tiny.yaml", tmp_path)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

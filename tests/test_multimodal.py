@@ -181,6 +181,7 @@ def _val(metrics_csv: Path) -> dict[int, dict[str, float]]:
     return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("val/") and v} for r in csv.DictReader(open(metrics_csv)) if r.get("val/ce")}
 
 
+@pytest.mark.slow
 def test_per_modality_validation_losses_fall(tmp_path):
     sources = yaml.safe_load(open(TINY))["data"]["init_args"]["sources"]
     sources[0]["max_documents"], sources[3]["weight"] = 400, 3.0  # audio, the slowest to learn, drawn more often

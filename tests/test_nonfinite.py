@@ -107,7 +107,7 @@ def test_stop_checkpoints_the_last_finite_weights_and_stops(tmp_path):
     assert trainer.global_step == BAD_STEP + 1 and sorted(snapshots.before) == [0, BAD_STEP]
     path = tmp_path / "checkpoints" / f"nonfinite-step={BAD_STEP}.ckpt"
     assert guard.last_report["checkpoint"] == str(path)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     saved = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     assert ckpt["global_step"] == BAD_STEP
     assert same(saved, snapshots.before[BAD_STEP]) and same(weights(lm), snapshots.before[BAD_STEP])

@@ -22,7 +22,7 @@ def test_report_of_a_moe_run(tmp_path):
     rows = train_tiny_spec("specs/gpt5_moe_tiny.yaml", tmp_path, steps=4, callbacks=callbacks)
     run = tmp_path / "runs/gpt5_moe_tiny/version_0"
     info = json.loads((run / "run_info.json").read_text())
-    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert info["spec_sha256"] == spec_hash(ckpt["hyper_parameters"])
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert info["git"]["commit"] == head and info["tokens_per_step"] == 8 * 128

@@ -64,7 +64,7 @@ def test_state_dict_export_keeps_the_newest_and_rebuilds_the_model(tmp_path, mon
     for step in (4, 6):
         path, ckpt = exported / f"step={step}.safetensors", run / "checkpoints" / f"step={step}.ckpt"
         tensors, spec = load_exported(path)
-        weights = {k.removeprefix("model."): v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items()}
+        weights = {k.removeprefix("model."): v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
         assert tensors.keys() == weights.keys() and all(torch.equal(tensors[k], v) for k, v in weights.items())
         with safe_open(str(path), framework="pt") as f:
             assert f.metadata()["global_step"] == str(step)

@@ -9,8 +9,11 @@ import torch
 from soma_lightning import build_model
 from soma_lightning.data_modules.structure import batch_structure, byte_structure
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.attention import masked_attention_reference
-from soma_lightning.nn.gqa import GroupedQueryAttention, _global_slots, dense_mask, structure_bias, structure_buckets, tree_distance
+from soma_lightning.nn.gqa import GroupedQueryAttention
+from soma_lightning.nn.ops.attention.flex import global_slots
+from soma_lightning.nn.ops.attention.masks import dense_mask
+from soma_lightning.nn.ops.attention.reference import masked_attention_reference
+from soma_lightning.nn.ops.attention.structure_bias import structure_bias, structure_buckets, tree_distance
 from conftest import tiny_v1_arch
 
 CODE = b"def f(a, b):\n    return g(a)\n\nx = [1, (2)]\n"
@@ -70,7 +73,7 @@ def test_structure_buckets_are_the_clipped_tree_distance_of_each_visible_key(win
     structure = batch_structure(torch.tensor([list((CODE * 10)[i : i + 150]) for i in (0, 7)]))
     buckets = structure_buckets(structure, 6, window, stride).long()
     distance = tree_distance(structure).clamp(max=5)
-    g = _global_slots(150, stride) if stride else 0
+    g = global_slots(150, stride)
     for q in range(150):
         for j in range(min(window or 150, q + 1)):  # column g + j: key q - j
             assert torch.equal(buckets[:, q, g + j], distance[:, q, q - j])
@@ -82,7 +85,7 @@ def test_structure_buckets_are_the_clipped_tree_distance_of_each_visible_key(win
 def table_grad_relative_errors(device: str) -> list[float]:
     """structure_table_grad (structure_grad.py) against autograd through the dense reference attention, in
     float32, for every pattern with and without documents."""
-    from soma_lightning.nn.structure_grad import structure_table_grad
+    from soma_lightning.nn.ops.attention.structure_grad import structure_table_grad
 
     torch.manual_seed(0)
     b, t, h, h_kv, d, n = 2, 150, 4, 2, 16, 6

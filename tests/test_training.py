@@ -33,7 +33,7 @@ def test_resume_continues_step_and_loss_exactly(tmp_path):
     resumed = train_losses(tmp_path / "runs/split/version_1/metrics.csv")
     assert sorted(resumed) == [4, 5, 6, 7]
     assert [resumed[s] for s in range(4, 8)] == [straight[s] for s in range(4, 8)]
-    ckpt = torch.load(tmp_path / "runs/split/version_1/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs/split/version_1/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8
 
 
@@ -59,7 +59,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     io.save_checkpoint({"step": 1}, path)
 
     def broken_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", broken_save)

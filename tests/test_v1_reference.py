@@ -13,7 +13,7 @@ from soma_models.v1.torch.modules.sig_reg import SIGReg as RefSIGReg
 
 from soma_lightning import build_model
 from soma_lightning.data_modules.contract import PAD
-from soma_lightning.nn.attention import causal_attention_reference
+from soma_lightning.nn.ops.attention.reference import causal_attention_reference
 from soma_lightning.nn.rope import apply_rope, rope_angles, rope_tables
 from soma_lightning.nn.sigreg import sigreg_statistic
 from conftest import tiny_v1_arch

@@ -1,32 +1,14 @@
 """Multi-head causal self-attention with RoPE (SOMA V1's `attention` module)."""
 
-import math
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import cached_attention, causal_mask
+from soma_lightning.nn.ops.attention.reference import causal_attention_reference
 from soma_lightning.nn.rope import apply_rope
-
-
-def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Plain softmax attention over [B, H, T, hd] (k/v with as many heads as q), in float32 also under
-    autocast: scores / sqrt(hd) (+ bias), positions outside `mask` filled with finfo(float32).min."""
-    with torch.autocast(q.device.type, enabled=False):
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if bias is not None:
-            scores = scores + bias.float()
-        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
-
-
-def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The reference's causal attention (query i sees keys j <= i)."""
-    t = q.shape[-2]
-    return masked_attention_reference(q, k, v, torch.ones(t, t, dtype=torch.bool, device=q.device).tril())
 
 
 class MultiHeadAttention(nn.Module):
@@ -35,13 +17,7 @@ class MultiHeadAttention(nn.Module):
     default_name = "attention"
 
     def __init__(
-        self,
-        d_model: int,
-        num_heads: int = 8,
-        rope_base: float = 10000.0,
-        rope_scale: float = 1.0,
-        bias: bool = True,
-        dropout: float = 0.0,
+        self, d_model: int, num_heads: int = 8, rope_base: float = 10000.0, rope_scale: float = 1.0, bias: bool = True, dropout: float = 0.0,
         impl: Literal["sdpa", "reference"] = "sdpa",
     ) -> None:
         super().__init__()
@@ -72,12 +48,9 @@ class MultiHeadAttention(nn.Module):
             k, v = ctx.decode.kv_cache(self).extend(k, v)
             y = cached_attention(ctx.decode, self, q, k, v, causal_mask(ctx.decode, ctx.positions, k.shape[2]))
         elif self.impl == "sdpa":
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
-            if self.training and self.dropout > 0:
-                raise ValueError("impl 'reference' has no attention dropout; use impl 'sdpa' to train with dropout")
-            y = causal_attention_reference(q, k, v)
+            y = causal_attention_reference(q, k, v, self.dropout if self.training else 0.0)
         return self.output(y.transpose(1, 2).reshape(b, t, d))
 
     def flops_per_token(self, seq_len: int) -> float:

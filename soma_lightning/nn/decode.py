@@ -9,15 +9,16 @@ newest positions (speculative decoding's rejected drafts).
 Static decoding (`DecodeState(position=...)`, for `mha` and `gqa` without a structural bias): the keys and
 values live in `StaticKVCache` buffers sized for the whole generation, and the pass's position is a device
 tensor that the caller sets, so no shape and no host value depends on the length: a one-token pass can be
-captured once as a CUDA graph and replayed for every token (soma_lightning/generate.py).
+captured once as a CUDA graph and replayed for every token (soma_lightning/generation/cuda_graph.py).
 """
 
-import math
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from soma_lightning.nn.ops.attention.reference import masked_attention_reference
 
 
 class KVCache:
@@ -183,16 +184,10 @@ def cached_attention(state: DecodeState, module: nn.Module, q: Tensor, k: Tensor
     otherwise SDPA."""
     groups = q.shape[1] // k.shape[1]
     if state.record_attention:
-        with torch.autocast(q.device.type, enabled=False):
-            k, v = k.repeat_interleave(groups, dim=1).float(), v.repeat_interleave(groups, dim=1).float()
-            scores = q.float() @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-            if bias is not None:
-                scores = scores + bias.float()
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-            probs = scores.softmax(dim=-1)
-            state.attention[module] = probs
-            return (probs @ v).to(q.dtype)
+        weights = []
+        y = masked_attention_reference(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), mask, bias, weights=weights)
+        state.attention[module] = weights[0]
+        return y
     if bias is not None:
         mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)

@@ -1,5 +1,5 @@
 """Gated DeltaNet mixer (Qwen3-Next's linear-attention layer): q, k, v through one causal short convolution,
-the gated delta rule (soma_lightning/nn/delta_rule.py) over value heads, a per-head RMSNorm, a sigmoid
+the gated delta rule (soma_lightning/nn/ops/delta_rule/) over value heads, a per-head RMSNorm, a sigmoid
 output gate. Documents in a packed window do not see each other: the convolution and the state restart at
 every document start."""
 
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import DecodeState, RecurrentCache
-from soma_lightning.nn.delta_rule import (
+from soma_lightning.nn.ops.delta_rule import (
     CHUNK_SIZE,
     gated_delta_rule,
     gated_delta_rule_chunked,
@@ -42,15 +42,8 @@ class GatedDeltaNet(nn.Module):
     default_name = "gdn"
 
     def __init__(
-        self,
-        d_model: int,
-        num_heads: int = 16,
-        num_v_heads: int = 32,
-        head_dim: int = 256,
-        v_head_dim: int | None = None,
-        conv_size: int = 4,
-        norm_eps: float = 1e-6,
-        impl: Literal["auto", "recurrent", "chunked", "fla"] = "auto",
+        self, d_model: int, num_heads: int = 16, num_v_heads: int = 32, head_dim: int = 256, v_head_dim: int | None = None, conv_size: int = 4,
+        norm_eps: float = 1e-6, impl: Literal["auto", "recurrent", "chunked", "fla"] = "auto",
     ) -> None:
         super().__init__()
         v_head_dim = head_dim if v_head_dim is None else v_head_dim

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from soma_lightning.nn.attention import masked_attention_reference
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import KVCache
-from soma_lightning.nn.gqa import flex
+from soma_lightning.nn.ops.attention.flex import flex
+from soma_lightning.nn.ops.attention.reference import masked_attention_reference
 from soma_lightning.nn.rope import apply_rope
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
 

@@ -1,8 +1,8 @@
-"""The gradient of the structural attention bias table (gqa.py) as a Triton kernel.
+"""The gradient of the structural attention bias table (structure_bias.py) as a Triton kernel.
 
-FlexAttention differentiates a score_mod's captured table by one atomic add per score, which took about
-half of a structural layer's forward+backward on an H100. This kernel instead recomputes each tile's
-probabilities and score gradients, as a flash-attention backward does,
+FlexAttention differentiates a score_mod's captured table by one atomic add per score, all of them into a
+table of a few entries per head, which would dominate a structural layer's backward. This kernel instead
+recomputes each tile's probabilities and score gradients, as a flash-attention backward does,
 
     P = exp(q k^T * scale + table[h, bucket] - lse),   dS = P * (dO v^T - delta),   delta = rowsum(dO * O),
 
@@ -89,7 +89,7 @@ def structure_table_grad(
 ) -> Tensor:
     """d loss / d table for attention with the structural bias. q, out, d_out [B, H, T, D]; k, v [B, Hkv, T, D]
     (positions in order, no global-key prefix); lse [B, H, T] natural-log logsumexp of the biased, masked,
-    scaled scores; table [H, NB]; buckets [B, T, G + W] from `gqa.structure_buckets`; doc_ids [B, T] or None."""
+    scaled scores; table [H, NB]; buckets [B, T, G + W] from `structure_buckets`; doc_ids [B, T] or None."""
     b, h, t, d = q.shape
     nb = table.shape[1]
     window = window if window is not None else t

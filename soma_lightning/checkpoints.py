@@ -1,0 +1,159 @@
+"""Reading the checkpoints a user hands us, without running code.
+
+A checkpoint is a Lightning `.ckpt` file, a sharded folder (FSDP2 or FSDP1: torch.distributed.checkpoint
+shards beside Lightning's `meta.pt`), or a DeepSpeed ZeRO folder; a run directory (runs/NAME/version_N)
+stands for its best or last checkpoint. `.ckpt` and `meta.pt` are read with `torch.load(weights_only=True)`,
+sharded folders through safe_unpickling.py; a file that is not a checkpoint is a one-line UserError naming it.
+"""
+
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.distributed.checkpoint import metadata as dcp_metadata
+
+from soma_lightning.errors import UserError
+from soma_lightning.lm import SomaLM
+from soma_lightning.safe_unpickling import MetadataUnpickler, restricted_unpickling
+
+SHARDED_METADATA = "meta.pt"  # what Lightning's FSDP and ModelParallel strategies write beside the shards
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
+DEEPSPEED_LATEST = "latest"  # what DeepSpeed writes into its checkpoint folders
+
+def refuse_url(value: str, argument: str) -> None:
+    """A checkpoint must be a local path: Lightning would download a URL and unpickle it with weights_only=False."""
+    if "://" in str(value):
+        raise UserError(f"{argument}: {value} is a URL; download the checkpoint and pass its local path (remote checkpoints are not loaded)")
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    return (path / SHARDED_METADATA).is_file() or (path / DEEPSPEED_LATEST).is_file()
+
+
+def resolve_checkpoint(path: str | Path, which: Literal["best", "last"] = "last", argument: str = "--ckpt") -> Path:
+    """A checkpoint (a .ckpt file or a sharded checkpoint folder), or the best / last checkpoint of a run
+    directory (runs/NAME/version_N or its checkpoints/ folder)."""
+    refuse_url(str(path), argument)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{argument}: {path} does not exist")
+    if p.is_file():
+        if p.stat().st_size == 0:
+            raise UserError(f"{argument}: {path} is an empty file, not a checkpoint")
+        return p
+    if _is_checkpoint_folder(p):
+        return p
+    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
+    found = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise UserError(f"{argument}: {path} is neither a checkpoint nor a run directory with a {pattern} in {folder}")
+    return resolve_checkpoint(found[-1], which, argument)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _torch_load(path: Path, argument: str) -> dict[str, Any]:
+    """torch.load, weights only, with every failure as one line naming the file."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            reason = next((line for line in str(e).splitlines() if "Unsupported global" in line or "Unsupported operand" in line), "")
+            raise UserError(f"{argument}: refused {path}: it holds objects other than weights and plain data, which could run code ({_one_line(Exception(reason)) or 'weights-only load failed'})") from None
+        raise UserError(f"{argument}: {path} is not a checkpoint ({_one_line(e)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UserError(f"{argument}: {path} is not a readable checkpoint, perhaps truncated ({type(e).__name__}: {_one_line(e)})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{argument}: {path} is not a Lightning checkpoint (it holds a {type(loaded).__name__}, not a mapping)")
+    return loaded
+
+
+def _check_dcp_metadata(folder: Path, argument: str) -> None:
+    metadata = folder / DCP_METADATA
+    if not metadata.is_file():
+        raise UserError(f"{argument}: {folder} has {SHARDED_METADATA} but no {DCP_METADATA}; not a complete sharded checkpoint")
+    try:
+        with open(metadata, "rb") as f:
+            loaded = MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{argument}: refused {metadata}: {_one_line(e)}, which could run code") from None
+    except (EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{argument}: {metadata} is not readable checkpoint metadata ({type(e).__name__}: {_one_line(e)})") from None
+    if not isinstance(loaded, dcp_metadata.Metadata):
+        raise UserError(f"{argument}: {metadata} is not checkpoint metadata (it holds a {type(loaded).__name__})")
+
+
+def read_hyperparameters(path: Path, argument: str = "--ckpt_path") -> dict[str, Any] | None:
+    """The hyper-parameters a checkpoint was trained with (SomaLM's saved init arguments), read without
+    running code; None for a DeepSpeed folder, whose state DeepSpeed itself reads. Refuses, as one line,
+    anything that is not a readable checkpoint."""
+    if path.is_dir():
+        if (path / DEEPSPEED_LATEST).is_file():
+            return None
+        if not (path / SHARDED_METADATA).is_file():
+            raise UserError(f"{argument}: {path} is a folder but not a checkpoint (no {SHARDED_METADATA} or {DEEPSPEED_LATEST})")
+        checkpoint = _torch_load(path / SHARDED_METADATA, argument)
+        _check_dcp_metadata(path, argument)
+    else:
+        checkpoint = _torch_load(path, argument)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "arch" not in hparams:
+        raise UserError(f"{argument}: {path} is not a soma-lightning checkpoint (no model hyper-parameters in it)")
+    return hparams
+
+
+def _load_sharded(path: Path, hparams: dict[str, Any]) -> SomaLM:
+    """The full weights of a sharded (torch.distributed.checkpoint) folder, read in this one process.
+    Lightning's ModelParallelStrategy (FSDP2) stores them under "state_dict", its FSDPStrategy (FSDP1) under
+    "model"."""
+    import torch.distributed.checkpoint as dcp
+
+    module = SomaLM(**(hparams | {"init_weights": None}))
+    with restricted_unpickling():
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        top = "model" if any(key.startswith("model.model.") for key in stored) else "state_dict"
+        state = {top: module.state_dict()}
+        dcp.load(state, checkpoint_id=path)
+    module.load_state_dict(state[top])
+    return module
+
+
+def _load_deepspeed(path: Path) -> SomaLM:
+    """The full float32 weights of a DeepSpeed ZeRO folder, consolidated by Lightning's converter (needs the
+    deepspeed extra). DeepSpeed's files are read by DeepSpeed's own loader: load only folders you wrote."""
+    try:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    except ImportError as e:
+        raise UserError(f"--ckpt: {path} is a DeepSpeed checkpoint; reading it needs the deepspeed extra ({e})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "consolidated.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(path, consolidated)
+        return SomaLM.load_from_checkpoint(consolidated, map_location="cpu", init_weights=None, weights_only=True)
+
+
+def load_module(path: str | Path, which: Literal["best", "last"] = "last", argument: str = "--ckpt") -> SomaLM:
+    """The SomaLM of a checkpoint or run directory, on the CPU, with its full weights (sharded checkpoints
+    consolidated in this process). Nothing in the files is executed; a file that is not a soma-lightning
+    checkpoint is a one-line UserError naming it."""
+    checkpoint = resolve_checkpoint(path, which, argument)
+    if checkpoint.is_dir() and (checkpoint / DEEPSPEED_LATEST).is_file():
+        return _load_deepspeed(checkpoint)
+    hparams = read_hyperparameters(checkpoint, argument)
+    try:
+        if checkpoint.is_dir():
+            return _load_sharded(checkpoint, hparams)
+        module = SomaLM(**(hparams | {"init_weights": None}))
+        state = _torch_load(checkpoint, argument).get("state_dict")
+        if not isinstance(state, dict):
+            raise UserError(f"{argument}: {checkpoint} holds no state_dict")
+        module.load_state_dict(state)
+        return module
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"{argument}: {checkpoint} does not match the model its hyper-parameters describe ({type(e).__name__}: {_one_line(e)})") from None
+

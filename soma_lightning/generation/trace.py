@@ -1,0 +1,90 @@
+"""Per-token provenance traces: for every emitted token its probability, what each logits processor did, and
+where the last attention layer looked (for SOSM also the query's semantic-graph edges); written as JSON
+lines."""
+
+import json
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.data_modules.contract import EOS
+from soma_lightning.nn.attention import MultiHeadAttention
+from soma_lightning.nn.decode import DecodeState
+from soma_lightning.nn.gqa import GroupedQueryAttention
+from soma_lightning.nn.graph_attention import GraphAttention
+from soma_lightning.nn.model import SomaModel
+from soma_lightning.nn.semantic_graph import EDGE_TYPES
+
+TOP_POSITIONS = 5  # prompt positions listed per emitted token
+Stage = tuple[str, Tensor, Tensor]  # a processor's name and the logits [B, V] before and after it
+Layer = tuple[str, nn.Module]
+
+
+def attention_layer(model: SomaModel) -> Layer | None:
+    """The last softmax-attention mixer of the main layers (whose weights a trace reports)."""
+    found = [(name, m) for name, m in model.encoder.named_modules() if isinstance(m, (MultiHeadAttention, GroupedQueryAttention, GraphAttention))]
+    return (f"encoder.{found[-1][0]}", found[-1][1]) if found else None
+
+
+def _finite(x: Tensor) -> float | None:
+    """A logit for JSON: None for -inf (a masked id)."""
+    return float(x) if x.isfinite() else None
+
+
+def _byte(t: int) -> str:
+    return bytes([t]).decode("latin-1") if t < 256 else "<EOS>" if t == EOS else f"<{t}>"
+
+
+def _provenance(state: DecodeState, layer: Layer | None, row: int, tokens: Tensor, prompt_length: int) -> dict:
+    """The attention (mean over heads) of the newest query of `row` in the last attention layer: its top
+    prompt positions; for SOSM also the query's graph edges."""
+    out: dict = {}
+    weights = state.attention[layer[1]][row, :, -1].mean(dim=0) if layer is not None and layer[1] in state.attention else None  # [T]
+    if weights is not None:
+        top = weights[:prompt_length].topk(min(TOP_POSITIONS, prompt_length))
+        out["attention"] = {
+            "layer": layer[0],
+            "heads": "mean",
+            "top_prompt_positions": [
+                {"position": j, "byte": _byte(int(tokens[row, j])), "weight": round(w, 6)} for w, j in zip(top.values.tolist(), top.indices.tolist())
+            ],
+        }
+    if state.graph is not None:
+        edges = []
+        for j, kind in zip(state.graph.neighbors[row, -1].tolist(), state.graph.edge_type[row, -1].tolist()):
+            if j >= 0:
+                edge = {"position": j, "byte": _byte(int(tokens[row, j])), "type": EDGE_TYPES[kind]}
+                if weights is not None:
+                    edge["weight"] = round(float(weights[j]), 6)
+                edges.append(edge)
+        out["graph_edges"] = edges
+    return out
+
+
+def token_record(
+    row: int, step: int, token: int, tokens: Tensor, prompt_length: int, model_probs: Tensor, sampled: Tensor,
+    stages: list[Stage], state: DecodeState, layer: Layer | None,
+) -> dict:
+    """The trace record of `token`, emitted in `row` at `step` after `tokens` [B, T]: its probability under
+    the model (`model_probs`) and under the distribution it was drawn from (`sampled`), each processor's
+    decision, and its provenance."""
+    return {
+        "row": row,
+        "step": step,
+        "position": tokens.shape[1],
+        "token": token,
+        "byte": _byte(token),
+        "probability": round(float(model_probs[row, token]), 6),
+        "sampling_probability": round(float(sampled[row, token]), 6),
+        "constraints": [
+            {"name": name, "allowed": int(after[row].isfinite().sum()), "logit_before": _finite(before[row, token]), "logit_after": _finite(after[row, token])}
+            for name, before, after in stages
+        ],
+    } | _provenance(state, layer, row, tokens, prompt_length)
+
+
+def write_trace(path: str | Path, records: list[dict]) -> None:
+    """The trace as JSON lines, written atomically."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))

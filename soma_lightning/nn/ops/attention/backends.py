@@ -1,0 +1,103 @@
+"""GroupedQueryAttention's ways to attend, one class each, picked by its `impl` argument (BACKENDS).
+
+Each computes the masks.py pattern for q [B, H, T, D] against k, v [B, Hkv, T, D] (Hkv dividing H), plus the
+structural bias when `table` [H, buckets] is given (ctx.structure then holds the spans), with attention
+dropout `dropout_p` (0 outside training) where `supports_dropout`. They keep what several layers of one
+forward pass can share (block masks, bucket tables) in ctx.cache.
+"""
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.ops.attention.flex import block_mask, flex, with_global_keys
+from soma_lightning.nn.ops.attention.masks import dense_mask
+from soma_lightning.nn.ops.attention.reference import masked_attention_reference
+from soma_lightning.nn.ops.attention.structure_bias import flex_with_structure_bias, structure_bias, structure_buckets
+
+
+class AttentionBackend:
+    """Called as backend(q, k, v, ctx, table, dropout_p) -> [B, H, T, D] (module docstring)."""
+
+    supports_dropout = True
+
+    def __init__(self, window: int | None, global_stride: int | None) -> None:
+        self.window, self.global_stride = window, global_stride
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> Tensor:
+        raise NotImplementedError
+
+    def plain_causal(self, ctx: SequenceContext, table: Tensor | None) -> bool:
+        """Whether the pattern is causal attention over the whole window, without bias."""
+        return self.window is None and ctx.doc_ids is None and table is None
+
+    def dense_mask(self, q: Tensor, ctx: SequenceContext) -> Tensor:
+        return dense_mask(q.shape[2], self.window, self.global_stride, ctx.doc_ids, q.device)
+
+
+class ReferenceBackend(AttentionBackend):
+    """Plain float32 softmax over the dense mask, the key/value heads repeated for their query heads: what
+    the other backends are tested against."""
+
+    def __call__(self, q, k, v, ctx, table, dropout_p):
+        groups = q.shape[1] // k.shape[1]
+        bias = structure_bias(table, ctx.structure) if table is not None else None
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return masked_attention_reference(q, k, v, self.dense_mask(q, ctx), bias, dropout_p)
+
+
+class SDPABackend(AttentionBackend):
+    """PyTorch's scaled_dot_product_attention: its causal kernels for plain causal attention, else the dense
+    mask, with the structural bias as an additive mask."""
+
+    def __call__(self, q, k, v, ctx, table, dropout_p):
+        gqa = q.shape[1] != k.shape[1]
+        if self.plain_causal(ctx, table):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+        mask = self.dense_mask(q, ctx)
+        if table is not None:
+            mask = structure_bias(table, ctx.structure).to(q.dtype).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+class FlexBackend(AttentionBackend):
+    """FlexAttention over flex.py's block mask, the structural bias as a score_mod: memory and work follow the
+    visible keys rather than T^2. FlexAttention has no attention dropout, and no backward on the CPU."""
+
+    supports_dropout = False
+
+    def __call__(self, q, k, v, ctx, table, dropout_p):
+        if dropout_p:
+            raise ValueError(f"dropout: FlexAttention has no attention dropout, got {dropout_p}")
+        key = ("block_mask", self.window, self.global_stride)
+        if key not in ctx.cache:
+            ctx.cache[key] = block_mask(q.shape[2], self.window, self.global_stride, ctx.doc_ids, q.device)
+        if table is not None:
+            n = table.shape[1]
+            buckets_key = ("structure_buckets", n, self.window, self.global_stride)
+            if buckets_key not in ctx.cache:
+                ctx.cache[buckets_key] = structure_buckets(ctx.structure, n, self.window, self.global_stride)
+            buckets = ctx.cache[buckets_key]
+            return flex_with_structure_bias(q, k, v, ctx.cache[key], table, buckets, ctx.doc_ids, self.window, self.global_stride)
+        if self.global_stride is not None:
+            k, v = with_global_keys(k, self.global_stride), with_global_keys(v, self.global_stride)
+        return flex(q, k, v, ctx.cache[key])
+
+
+class AutoBackend(AttentionBackend):
+    """Flex on CUDA where a window, documents or the structural bias make a mask, SDPA otherwise: Flex has no
+    backward on the CPU, and SDPA's causal kernels need no mask. Training with attention dropout also takes
+    SDPA, over the dense mask, since Flex cannot drop."""
+
+    def __init__(self, window: int | None, global_stride: int | None) -> None:
+        super().__init__(window, global_stride)
+        self.sdpa, self.flex = SDPABackend(window, global_stride), FlexBackend(window, global_stride)
+
+    def pick(self, q: Tensor, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> AttentionBackend:
+        return self.flex if q.is_cuda and not self.plain_causal(ctx, table) and not dropout_p else self.sdpa
+
+    def __call__(self, q, k, v, ctx, table, dropout_p):
+        return self.pick(q, ctx, table, dropout_p)(q, k, v, ctx, table, dropout_p)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"auto": AutoBackend, "sdpa": SDPABackend, "flex": FlexBackend, "reference": ReferenceBackend}
