@@ -208,6 +208,7 @@ def test_per_modality_validation_losses_fall(tmp_path):
     main(["decode", "--data", str(tmp_path / "shards"), "--tokens", str(out), "--out", str(tmp_path / "sneaker")])
 
 
+@pytest.mark.slow
 def test_resume_draws_the_same_batches_and_losses(tmp_path):
     straight = _config(tmp_path, "straight", 6, val_every=3)
     prepare_from_spec(str(straight))

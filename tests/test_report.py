@@ -13,6 +13,7 @@ from soma_lightning.report import write_report
 from conftest import train_tiny_spec
 
 
+@pytest.mark.slow
 def test_report_of_a_moe_run(tmp_path):
     callbacks = [
         {"class_path": "soma_lightning.callbacks.Throughput", "init_args": {"window": 1}},

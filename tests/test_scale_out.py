@@ -96,6 +96,7 @@ def test_every_parameter_gets_a_gradient_in_a_training_step(spec):
     assert [name for name, p in module.named_parameters() if p.grad is None] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["specs/gpt5_moe_tiny.yaml", "specs/hybrid_tiny.yaml"])
 def test_moe_specs_train_under_fsdp2_like_ddp(spec, tmp_path):
     """2 gloo processes each: FSDP2 gives DDP's losses and weights on the MoE specs (hybrid_tiny also has MTP
@@ -140,6 +141,7 @@ def test_deepspeed_on_the_cpu_or_without_the_extra_is_a_one_line_error(overlay, 
     assert "needs the deepspeed extra" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_on_two_processes_keeps_the_global_data_order_and_the_losses(tmp_path):
     """One process with batch 4 stops at step 3; the run resumes on 2 gloo processes with batch 2 each. The
     global batches are the same rows in the same order, and (SIGReg off, so that the loss is a mean over
@@ -196,6 +198,7 @@ def test_fsdp2_trains_like_ddp_and_exports_one_consolidated_file(tmp_path):
             assert [n["share"] for n in got] == pytest.approx([n["share"] for n in want], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     """SIGTERM after step 5 ends the process with status 0 and a last.ckpt at step 5; resuming from it gives
     bitwise the losses of an uninterrupted run (dropout on: its masks follow the data position)."""

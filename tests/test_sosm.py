@@ -8,6 +8,7 @@ from soma_lightning.cli import main
 from conftest import train_tiny_spec
 
 
+@pytest.mark.slow
 def test_tiny_sosm_trains_and_its_graph_can_be_inspected(tmp_path, capsys):
     rows = [r for r in train_tiny_spec("specs/sosm_tiny.yaml", tmp_path) if r.get("train/loss")]
     losses = [float(r["train/loss"]) for r in rows]

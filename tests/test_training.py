@@ -14,6 +14,7 @@ from soma_lightning.cli import cli_main
 from conftest import run_config, tiny_v1_arch, train_losses
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_writes_last_and_best(tmp_path):
     cli_main(["fit", "--config", str(run_config(tmp_path, "run", 12))])
     version = tmp_path / "runs" / "run" / "version_0"
@@ -24,6 +25,7 @@ def test_training_lowers_loss_and_writes_last_and_best(tmp_path):
     assert (version / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_step_and_loss_exactly(tmp_path):
     cli_main(["fit", "--config", str(run_config(tmp_path, "straight", 8))])
     interrupted = {"class_path": "conftest.StopAtStep", "init_args": {"step": 4}}
@@ -37,6 +39,7 @@ def test_resume_continues_step_and_loss_exactly(tmp_path):
     assert ckpt["global_step"] == 8
 
 
+@pytest.mark.slow
 def test_saved_config_reproduces_the_run(tmp_path):
     cli_main(["fit", "--config", str(run_config(tmp_path, "orig", 5))])
     saved = tmp_path / "runs/orig/version_0/config.yaml"
@@ -70,6 +73,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_throughput_callback_logs_tokens_and_flops(tmp_path):
     callback = {"class_path": "soma_lightning.callbacks.Throughput", "init_args": {"window": 2}}
     cli_main(["fit", "--config", str(run_config(tmp_path, "speed", 5)), f"--trainer.callbacks=[{json.dumps(callback)}]"])

@@ -178,6 +178,7 @@ def test_score_command(tmp_path, reference_file):
     assert result["embedding_norm"] == pytest.approx(float(np.linalg.norm(embedding)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_export_command_from_a_run_directory_loads_into_soma_models(tmp_path):
     from soma_lightning.cli import cli_main
 
