@@ -102,6 +102,10 @@ def read_hyperparameters(path: Path, argument: str = "--ckpt_path") -> dict[str,
         _check_dcp_metadata(path, argument)
     else:
         checkpoint = _torch_load(path, argument)
+    return _hyperparameters_of(checkpoint, path, argument)
+
+
+def _hyperparameters_of(checkpoint: dict[str, Any], path: Path, argument: str) -> dict[str, Any]:
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or "arch" not in hparams:
         raise UserError(f"{argument}: {path} is not a soma-lightning checkpoint (no model hyper-parameters in it)")
@@ -144,12 +148,13 @@ def load_module(path: str | Path, which: Literal["best", "last"] = "last", argum
     checkpoint = resolve_checkpoint(path, which, argument)
     if checkpoint.is_dir() and (checkpoint / DEEPSPEED_LATEST).is_file():
         return _load_deepspeed(checkpoint)
-    hparams = read_hyperparameters(checkpoint, argument)
+    loaded = None if checkpoint.is_dir() else _torch_load(checkpoint, argument)
+    hparams = read_hyperparameters(checkpoint, argument) if loaded is None else _hyperparameters_of(loaded, checkpoint, argument)
     try:
-        if checkpoint.is_dir():
+        if loaded is None:
             return _load_sharded(checkpoint, hparams)
         module = SomaLM(**(hparams | {"init_weights": None}))
-        state = _torch_load(checkpoint, argument).get("state_dict")
+        state = loaded.get("state_dict")
         if not isinstance(state, dict):
             raise UserError(f"{argument}: {checkpoint} holds no state_dict")
         module.load_state_dict(state)

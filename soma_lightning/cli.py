@@ -143,7 +143,6 @@ class SomaCLI(LightningCLI):
         refuse_url(ckpt_path, "--ckpt_path")
         if ckpt_path == "last":
             ckpt_path = str(_last_checkpoint(_run_root(config.trainer)))
-            config.ckpt_path = ckpt_path
             print(f"soma-lightning: --ckpt_path last: {ckpt_path}", file=sys.stderr)
         path = resolve_checkpoint(ckpt_path, "last", "--ckpt_path")
         config.ckpt_path = str(path)
