@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import soma_lightning
 from soma_lightning import build_model, load_spec
 from soma_lightning.generation import generate, static_blocker
 from soma_lightning.nn.gqa import GroupedQueryAttention
@@ -129,9 +130,7 @@ def hf_table(spec_path: str, context: int, new_tokens: int, batches: list[int], 
 
 
 def speculative_table(ckpt: str, device: str) -> dict:
-    from soma_lightning.cli import _load_run
-
-    model = _load_run(ckpt, "last")[1].model.to(device).eval()
+    model = soma_lightning.load(ckpt, "last", device).model
     totals = {"plain_s": 0.0, "speculative_s": 0.0, "drafted": 0, "accepted": 0, "tokens": 0, "passes": 0}
     for prompt in (b"ROMEO:\nI will ", b"First Citizen:\nWe are ", b"KING HENRY:\nThe ", b"JULIET:\nO, "):
         generate(model, prompt, 4), generate(model, prompt, 4, speculative=True)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from soma_lightning.cli import multimodal_corpus, prepare_from_spec
-from soma_lightning.data_modules.multimodal import INDEX, MultimodalCorpus
+from soma_lightning.cli.prepare import multimodal_corpus, prepare_from_spec
+from soma_lightning.data_modules.multimodal import MultimodalCorpus
+from soma_lightning.data_modules.shards import INDEX
 
 H100_GPT5_MOE_TOKENS_PER_S = 50_789  # docs/benchmarks.md: specs/gpt5_moe.yaml, 4 x 8192 tokens, bf16, one H100
 

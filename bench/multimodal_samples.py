@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from soma_lightning.cli import _load_run
+import soma_lightning
 from soma_lightning.data_modules.modalities import decode_to_files, prompt
-from soma_lightning.data_modules.multimodal import Shards
+from soma_lightning.data_modules.shards import Shards
 from soma_lightning.generation import generate
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
 
-    _, module = _load_run(args.run, "last")
+    module = soma_lightning.load(args.run, "last")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = module.model.to(args.device, dtype).eval()
     shards, out = Shards.open(args.data), Path(args.out)

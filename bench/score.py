@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from soma_lightning import build_model
-from soma_lightning.v1 import model_from_canonical, save_canonical, score, v1_spec
+from soma_lightning.onchain import score
+from soma_lightning.v1 import model_from_canonical, save_canonical, v1_spec
 
 
 def main() -> None:

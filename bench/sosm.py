@@ -50,8 +50,7 @@ def main() -> None:
             layer = GraphAttention(1024, num_heads=8, impl=impl).to(device)
 
             def step():
-                ctx = SequenceContext(positions=positions)
-                ctx.cache["semantic_graph"] = graph
+                ctx = SequenceContext(positions=positions, semantic_graph=graph)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     y = layer(x, ctx)
                 y.float().square().mean().backward()

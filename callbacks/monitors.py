@@ -121,7 +121,7 @@ class GraphMonitor(_EveryNSteps):
             self._handle = self.embedding.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        graph = args[1].cache["semantic_graph"]
+        graph = args[1].semantic_graph
         valid = graph.neighbors >= 0
         b, t = valid.shape[:2]
         in_degree = torch.zeros(b, t, device=valid.device, dtype=torch.long)

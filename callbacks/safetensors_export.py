@@ -17,9 +17,12 @@ from torch.distributed.tensor import DTensor
 
 from soma_lightning.checkpoint_io import atomic_write, ordinary_mode
 from soma_lightning.spec import ModelSpec, spec_from_dict
-from soma_lightning.v1 import WeightsError, canonical_state_dict, save_canonical
+from soma_lightning.v1 import CANONICAL_HOLDS, WeightsError, canonical_metadata, canonical_state_dict, save_canonical, v1_shape_problem
 
 SPEC_KEY = "soma_lightning_spec"
+# Canonical files carry the resolved spec under their own key: their tensors have V1's canonical names, so
+# `build_model(spec).load_state_dict` does not take them (v1.model_from_canonical or soma_lightning.load does).
+CANONICAL_SPEC_KEY = "soma_lightning_canonical_spec"
 _STEP_FILE = re.compile(r"step=(\d+)\.safetensors")
 
 
@@ -40,13 +43,25 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
+def check_canonical(model: nn.Module, flag: str = "--layout canonical", instead: str = "--layout state_dict") -> None:
+    """Refuse (WeightsError, a one-line UserError) a model whose structure the canonical V1 layout cannot hold,
+    naming what it has: "--layout canonical: the model has a semantic_state token embedding; ...; use
+    --layout state_dict". Sizes and keys are checked when the file is written."""
+    if problem := v1_shape_problem(model):
+        raise WeightsError(f"{flag}: {problem}; the canonical V1 layout holds only {CANONICAL_HOLDS}; use {instead}")
+
+
 def write_safetensors(model: nn.Module, tensors: dict[str, Tensor], arch: ModelSpec, path: str | os.PathLike, canonical: bool, step: int | None = None) -> None:
-    """Write a model's full state (`tensors`, from `full_state`) atomically: SOMA V1's canonical layout, or
-    the state dict with the resolved spec (and the step) in the metadata."""
+    """Write a model's full state (`tensors`, from `full_state`) atomically, mode 0666 less the umask: SOMA
+    V1's canonical layout (a model that is not V1-shaped is refused, `check_canonical`), or the state dict.
+    The metadata holds the resolved spec (SPEC_KEY for the state dict, CANONICAL_SPEC_KEY for the canonical
+    layout, which also records the head count under v1.NUM_HEADS_KEY) and the step."""
+    steps = {} if step is None else {"global_step": str(step)}
     if canonical:
-        save_canonical(model, path, tensors)
+        check_canonical(model)
+        save_canonical(model, path, tensors, canonical_metadata(model) | {CANONICAL_SPEC_KEY: json.dumps(asdict(arch))} | steps)
         return
-    metadata = {SPEC_KEY: json.dumps(asdict(arch))} | ({} if step is None else {"global_step": str(step)})
+    metadata = {SPEC_KEY: json.dumps(asdict(arch))} | steps
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata)
@@ -95,8 +110,9 @@ class SafetensorsExport(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # On every rank: trainer.log_dir is a collective (a broadcast from rank zero).
         self._dir = Path(self.dirpath or Path(trainer.log_dir) / "safetensors")
-        if self.layout == "canonical":
-            canonical_state_dict(pl_module.model)  # refuse a model that is not V1 now, with v1.py's reason
+        if self.layout == "canonical":  # refuse a model that is not V1 now, with the reason
+            check_canonical(pl_module.model, "SafetensorsExport(layout='canonical')", "layout 'state_dict' or 'auto'")
+            canonical_state_dict(pl_module.model)
         self._canonical = self.layout == "canonical" or (self.layout == "auto" and is_v1(pl_module.model))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -116,6 +116,14 @@ def annotate(batch: dict[str, torch.Tensor], annotations: tuple[str, ...]) -> di
     return batch | {name: ANNOTATIONS[name](batch["tokens"]) for name in annotations}
 
 
+def data_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
+    """(first batch, rank, world size) of this process's training windows. The first batch is the data
+    position: after resuming at step N, the batch an uninterrupted run would draw next."""
+    if trainer is None:
+        return 0, 0, 1
+    return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
+
+
 class RandomWindows(IterableDataset):
     """An endless stream of training batches. Global batch b is a deterministic function of (seed, b):
     world_size * batch_size windows drawn with numpy's generator seeded with [seed, b] (with several streams,
@@ -245,17 +253,13 @@ class ByteCorpus(L.LightningDataModule):
         else:
             cut = int(len(stream) * (1 - self.val_fraction))
             self.train_stream, self.val_stream = stream[:cut], stream[cut:]  # val is never empty: cut < len
-        self.test_stream = self._read(self.test_source, "data.test_source") if self.test_source else self.val_stream
+        self.test_stream = self._read(self.test_source, "data.test_source") if self.test_source else None
         if len(self.train_stream) < self.seq_len:
             raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, fewer than seq_len {self.seq_len}")
 
     def train_dataloader(self) -> DataLoader:
         """Starts at the data position: after resuming at step N, the batch an uninterrupted run would draw next."""
-        start, rank, world = 0, 0, 1
-        if self.trainer is not None:
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-        windows = RandomWindows([self.train_stream], self.seq_len, self.batch_size, self.seed, start, rank, world, self.annotations)
+        windows = RandomWindows([self.train_stream], self.seq_len, self.batch_size, self.seed, *data_position(self.trainer), self.annotations)
         return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
     def _chunks(self, stream: np.ndarray) -> DataLoader:
@@ -265,7 +269,10 @@ class ByteCorpus(L.LightningDataModule):
         return self._chunks(self.val_stream)
 
     def test_dataloader(self) -> DataLoader:
+        if self.test_stream is None:
+            raise DataError("data.test_source: `test` evaluates a held-out test text, and none is set; set data.init_args.test_source, or run `validate`")
         return self._chunks(self.test_stream)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._chunks(self.test_stream)
+        """The test text's rows, else the validation split's."""
+        return self._chunks(self.test_stream if self.test_stream is not None else self.val_stream)

@@ -105,6 +105,16 @@ def read_hyperparameters(path: Path, argument: str = "--ckpt_path") -> dict[str,
     return _hyperparameters_of(checkpoint, path, argument)
 
 
+def read_global_step(path: Path, argument: str = "--ckpt_path") -> int | None:
+    """The optimizer steps a checkpoint was saved after; None for a DeepSpeed folder."""
+    if path.is_dir():
+        if not (path / SHARDED_METADATA).is_file():
+            return None
+        path = path / SHARDED_METADATA
+    step = _torch_load(path, argument).get("global_step")
+    return step if isinstance(step, int) else None
+
+
 def _hyperparameters_of(checkpoint: dict[str, Any], path: Path, argument: str) -> dict[str, Any]:
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or "arch" not in hparams:
@@ -162,3 +172,20 @@ def load_module(path: str | Path, which: Literal["best", "last"] = "last", argum
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"{argument}: {checkpoint} does not match the model its hyper-parameters describe ({type(e).__name__}: {_one_line(e)})") from None
 
+
+# Settings of how a model runs, not what it is: they may differ between a checkpoint and the run that loads it.
+RUNTIME_HPARAMS = frozenset({"compile", "activation_checkpointing", "init_weights"})
+
+
+def _flatten(value: object, prefix: str) -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def hparams_differences(checkpoint: dict[str, Any], config: dict[str, Any], ignored: frozenset[str] = RUNTIME_HPARAMS) -> list[str]:
+    """Each model.* key whose value differs between a checkpoint's hyper-parameters and a config's, as
+    "model.KEY (checkpoint A, config B)", sorted; top-level keys in `ignored` are not compared."""
+    theirs = _flatten({k: v for k, v in checkpoint.items() if k not in ignored}, "model")
+    mine = _flatten({k: v for k, v in config.items() if k not in ignored}, "model")
+    return [f"{key} (checkpoint {theirs.get(key, '-')}, config {mine.get(key, '-')})" for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key)]

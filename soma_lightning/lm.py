@@ -11,11 +11,12 @@ from torchmetrics import MeanMetric, Metric
 
 from soma_lightning.data_modules.contract import PAD
 from soma_lightning.float8 import convert_blocks_to_float8, require_torchao
-from soma_lightning.nn.moe import MoE
+from soma_lightning.nn.protocols import after_train_batch, auxiliary_terms
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
 from soma_lightning.token_space import check_token_ids, modality_of
-from soma_lightning.v1 import ONCHAIN_SIGREG, arrgen_noise, load_canonical, onchain_batch_loss, read_canonical, target_nll
+from soma_lightning.onchain import ONCHAIN_SIGREG, arrgen_noise, onchain_batch_loss, target_nll
+from soma_lightning.v1 import load_canonical, read_canonical
 
 Batch = dict[str, torch.Tensor]
 
@@ -55,7 +56,8 @@ class OptimConfig:
 
 class SomaLM(L.LightningModule):
     """A SOMA-family language model and its objective: CE over non-PAD targets + sigreg.coefficient *
-    SIGReg on the final representations.
+    SIGReg on the final representations, plus the MTP heads' weighted CE and the components' auxiliary
+    losses (nn/protocols.py).
 
     Every micro-batch reseeds torch's generators from (noise_seed, step, micro-batch, rank), so dropout
     masks are a function of the data position and a resumed run draws the same ones. Activation
@@ -152,9 +154,6 @@ class SomaLM(L.LightningModule):
         """What the model reads of a batch: tokens, positions and the per-token annotations it carries."""
         return batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure")
 
-    def _routed(self) -> list[MoE]:
-        return [m for m in self.model.modules() if isinstance(m, MoE)]
-
     def _ce(self, reps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
 
@@ -171,28 +170,17 @@ class SomaLM(L.LightningModule):
             loss = loss + p.loss_weight * mtp_ce
             by_horizon.setdefault(p.horizon, []).append(mtp_ce)
         metrics |= {f"train/mtp_{k}_ce": torch.stack(v).mean() for k, v in by_horizon.items()}
-        state = self.model.embedding
-        if getattr(state, "aux_loss", None) is not None:  # SOSM's MU block orthogonality and variance terms
-            loss = loss + state.aux_loss
-            metrics |= {"train/state_aux_loss": state.aux_loss} | {f"train/state_{k}": v for k, v in state.stats.items()}
-        routed = self._routed()
-        if routed:
-            aux = sum(m.aux_loss for m in routed)
-            loads = torch.stack([m.stats["tokens_per_expert"].float() for m in routed])
-            loss = loss + aux
-            metrics |= {
-                "train/moe_aux_loss": aux,
-                "train/moe_max_load": (loads.max(dim=1).values / loads.mean(dim=1)).mean(),
-                "train/moe_dropped_fraction": torch.stack([m.stats["dropped_fraction"] for m in routed]).mean(),
-            }
+        aux_losses, aux_metrics = auxiliary_terms(self.model)  # e.g. MoE balancing, SOSM's MU regularisers
+        for value in aux_losses.values():
+            loss = loss + value
+        metrics |= {f"train/{name}": value for name, value in (aux_losses | aux_metrics).items()}
         self.log_dict(metrics, sync_dist=True)  # the mean over ranks: the global batch's value under data parallelism
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
-        for m in self._routed():
-            m.update_selection_bias()
+        after_train_batch(self.model)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         reps = self.model.encode(*self._inputs(batch))

@@ -3,35 +3,26 @@
 from torch import nn
 
 from soma_lightning.nn.model import Block, SomaModel
-from soma_lightning.nn.mtp import MTPHeads
+from soma_lightning.nn.protocols import flops_per_token, inactive_parameters, linear_flops, mtp_horizons
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, active per token). Modules with routed parts report what a token does not use through
     `inactive_parameters()`; dense models have active == total."""
     total = sum(p.numel() for p in model.parameters())
-    inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
-    return total, total - inactive
-
-
-def linear_flops(module: nn.Module) -> float:
-    """Forward FLOPs per token of the Linear layers inside `module`: 2 per weight."""
-    return sum(2.0 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    return total, total - inactive_parameters(model)
 
 
 def block_flops_per_token(block: Block, seq_len: int) -> float:
     """A block's sublayers: each gives its own by `flops_per_token(seq_len)`, or its Linear layers count."""
-    return sum(
-        sub.flops_per_token(seq_len) if hasattr(sub, "flops_per_token") else linear_flops(sub)
-        for sub in (block.get_submodule(name) for _, name in block.order)
-    )
+    return sum(flops_per_token(block.get_submodule(name), seq_len) for _, name in block.order)
 
 
 def forward_flops_per_token(model: SomaModel, seq_len: int) -> float:
     """Matrix FLOPs of one training forward pass per token at `seq_len`, MTP heads included (each horizon
     also runs the predictor)."""
     predictor = linear_flops(model.predictor)
-    horizons = sum(len(m.heads) for m in model.modules() if isinstance(m, MTPHeads))
+    horizons = sum(mtp_horizons(m) for m in model.modules())
     total = predictor * (1 + horizons) + sum(block_flops_per_token(layer, seq_len) for layer in model.encoder.layers)
     if model.mtp is not None:
         for depth in model.mtp.depths:

@@ -1,35 +1,39 @@
-"""SOMA V1 against the network's canonical scorer: canonical safetensors in and out, and the on-chain loss.
+"""SOMA V1 as the network stores it: canonical safetensors in and out, the registered size, and V1 models
+built from files (the on-chain loss is onchain.py).
 
 Canonical layout (contract section 5): LayerNorm weight/bias are `gamma`/`beta`, Linear weights are stored
-transposed as (in, out), everything F32, exactly the V1 keys. The on-chain loss (section 4.3) is the Rust
-`ModelRunner::eval`: contract chunks in batches of 16 in data order; for batch b, noise from soma-arrgen
-with seed + b; CE summed over non-PAD targets divided by rows x S (PAD in the denominator); loss = CE +
-0.02 SIGReg; loss and embedding (reps averaged over positions, then rows) are running means over batches.
+transposed as (in, out), everything F32, exactly the V1 keys.
 """
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from soma_lightning.data_modules.contract import PAD, tokenize
 from soma_lightning.checkpoint_io import atomic_write, ordinary_mode
 from soma_lightning.errors import UserError
+from soma_lightning.nn.attention import MultiHeadAttention
+from soma_lightning.nn.ffn import GeluMLP
 from soma_lightning.nn.model import SomaModel
-from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
+from soma_lightning.components import REGISTRY
 from soma_lightning.spec import ModelSpec, SpecError, build_model
 
 # The registered V1 size (contract section 1): the network's scorer loads weights into this config only.
 V1_D_MODEL, V1_N_LAYERS, V1_HIDDEN_DIM, V1_VOCAB_SIZE = 2048, 24, 8192, 264
 V1_NUM_HEADS = 8
-ONCHAIN_SIGREG = SIGRegConfig()  # 0.02, 256 slices, 17 points, t_max 3: fixed in ModelRunner::new
+# The head count, in the str -> str metadata of the safetensors header that soma-lightning's exports write
+# (the shapes cannot tell it). The network's loaders read the tensors only; files from elsewhere (soma-models'
+# Model.save) carry no metadata.
+NUM_HEADS_KEY = "num_heads"
+# What the canonical layout can hold (contract section 5), for refusals of other models.
+CANONICAL_HOLDS = (
+    "a plain token table, pre-norm LayerNorm layers of multi-head attention (mha) and a GELU MLP (gelu_mlp), "
+    "a final LayerNorm and a biased predictor"
+)
 
 
 class WeightsError(UserError):
@@ -86,11 +90,47 @@ def _canonical_names(model: nn.Module) -> dict[str, tuple[str, bool]]:
     return names
 
 
+def _component_name(module: nn.Module, kind: str) -> str:
+    """The spec name of a built component (`semantic_state`, `gqa`, ...), else its class name."""
+    for name, factory in REGISTRY.get(kind, {}).items():
+        if isinstance(factory, type) and type(module) is factory:
+            return name
+    return type(module).__name__
+
+
+def v1_shape_problem(model: SomaModel) -> str | None:
+    """What the model has that the canonical V1 layout cannot hold, in words ("the model has a semantic_state
+    token embedding"); None when its structure is V1's (sizes and keys are checked by `canonical_state_dict`)."""
+    if not isinstance(model.embedding, nn.Embedding):
+        return f"the model has a {_component_name(model.embedding, 'token_embedding')} token embedding"
+    if len(model.input_embeddings):
+        return f"the model has input embeddings ({', '.join(_component_name(e, 'embedding') for e in model.input_embeddings)})"
+    if model.mtp is not None:
+        return "the model has multi-token-prediction heads (model.arch.mtp)"
+    for i, layer in enumerate(model.encoder.layers):
+        order = list(layer.order)
+        if len(order) != 2:
+            return f"layer {i} has {len(order)} sublayers, not attention and pwff"
+        (norm_1, mixer), (norm_2, ffn) = order
+        kinds = ((mixer, "attention", MultiHeadAttention, "mixer", "mixer"), (ffn, "pwff", GeluMLP, "ffn", "feed-forward"))
+        for name, canonical, cls, kind, what in kinds:
+            module = layer.get_submodule(name)
+            if not isinstance(module, cls):
+                return f"layer {i} has a {_component_name(module, kind)} {what}"
+            if name != canonical:
+                return f"layer {i} names its {what} {name!r}, not {canonical!r}"
+        for norm, which in ((norm_1, "attention"), (norm_2, "pwff")):
+            if norm is None or not isinstance(layer.get_submodule(norm), nn.LayerNorm):
+                return f"layer {i} has {'no norm' if norm is None else 'a ' + type(layer.get_submodule(norm)).__name__} before its {which}, not a LayerNorm"
+    if not isinstance(model.final_norm, nn.LayerNorm):
+        return f"the model's final norm is {type(model.final_norm).__name__}, not a LayerNorm"
+    return None
+
+
 def _v1_dims(model: SomaModel) -> tuple[int, int, int, int]:
-    try:
-        hidden_dim = model.encoder.layers[0].pwff.linear_inner.out_features
-    except AttributeError:
-        raise WeightsError("the model is not SOMA V1-shaped (no encoder.layers.0.pwff.linear_inner); the canonical layout is V1's only") from None
+    if problem := v1_shape_problem(model):
+        raise WeightsError(f"the model is not SOMA V1-shaped: {problem}; the canonical layout holds only {CANONICAL_HOLDS}")
+    hidden_dim = model.encoder.layers[0].pwff.linear_inner.out_features
     return model.embedding.embedding_dim, len(model.encoder.layers), hidden_dim, model.embedding.num_embeddings
 
 
@@ -119,12 +159,15 @@ def _check(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], whe
             raise WeightsError(f"{where}: {key!r} has dtype {tensors[key].dtype}, expected F32")
 
 
-def save_canonical(model: SomaModel, path: str | os.PathLike, state: dict[str, Tensor] | None = None) -> None:
-    """Write the canonical safetensors file atomically (checkpoint_io.atomic_write)."""
+def save_canonical(model: SomaModel, path: str | os.PathLike, state: dict[str, Tensor] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write the canonical safetensors file atomically (checkpoint_io.atomic_write), mode 0666 less the umask.
+    Without `metadata` the file is byte for byte what soma-models' `Model.save` writes for these weights;
+    `metadata` (str -> str, e.g. `canonical_metadata(model)`) goes into the header and leaves the tensors
+    as they are."""
     tensors = canonical_state_dict(model, state)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata)
         ordinary_mode(tmp)
 
     atomic_write(Path(path), write)
@@ -152,6 +195,45 @@ def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The str -> str metadata of a safetensors file's header ({} when it has none); no tensor is read."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def file_num_heads(path: str | os.PathLike) -> int | None:
+    """The head count a canonical file records in its metadata (soma-lightning's exports do); None when it
+    records none (files written elsewhere, e.g. by soma-models)."""
+    value = file_metadata(path).get(NUM_HEADS_KEY)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
+        raise WeightsError(f"{path}: its metadata {NUM_HEADS_KEY}={value!r} is not a positive number of heads")
+    return int(value)
+
+
+def resolve_num_heads(path: str | os.PathLike, num_heads: int | None = None, flag: str = "--num_heads") -> int:
+    """The head count to load `path` with: `num_heads` (the user's `flag`) when given, else the file's
+    metadata, else V1_NUM_HEADS (8). A `num_heads` that contradicts the metadata is refused (WeightsError,
+    one line naming the file and both numbers)."""
+    recorded = file_num_heads(path)
+    if num_heads is None:
+        return V1_NUM_HEADS if recorded is None else recorded
+    if recorded is not None and num_heads != recorded:
+        raise WeightsError(f"{flag} {num_heads} contradicts {path}, whose metadata records {recorded} heads; drop {flag} or pass {recorded}")
+    return num_heads
+
+
+def canonical_metadata(model: SomaModel) -> dict[str, str]:
+    """The metadata soma-lightning writes into a canonical file: the model's head count (NUM_HEADS_KEY)."""
+    return {NUM_HEADS_KEY: str(model_size(model)[4])}
 
 
 def dims_of(tensors: Mapping[str, Tensor | tuple[int, ...]], where: str) -> tuple[int, int, int, int]:
@@ -184,20 +266,16 @@ def size_mismatch(size: Size) -> str | None:
     return f"{_describe(size)}, not the registered V1 size ({_describe(REGISTERED_SIZE)}) that the network's scorer loads"
 
 
-def file_size(path: str | os.PathLike, num_heads: int) -> Size:
-    """The size of a canonical file, from its header (no tensor is read); the head count is the caller's,
-    as shapes cannot tell it."""
-    return (*dims_of(file_shapes(path), str(path)), num_heads)
+def file_size(path: str | os.PathLike, num_heads: int | None = None) -> Size:
+    """The size of a canonical file, from its header (no tensor is read); the head count, which shapes cannot
+    tell, is `resolve_num_heads(path, num_heads)`."""
+    return (*dims_of(file_shapes(path), str(path)), resolve_num_heads(path, num_heads))
 
 
 def model_size(model: SomaModel) -> Size:
     """(d_model, n_layers, hidden_dim, vocab_size, num_heads) of a V1-shaped model; WeightsError otherwise."""
-    dims = _v1_dims(model)
-    try:
-        num_heads = model.encoder.layers[0].attention.num_heads
-    except AttributeError:
-        raise WeightsError("the model is not SOMA V1-shaped (no encoder.layers.0.attention with heads); the canonical layout is V1's only") from None
-    return (*dims, num_heads)
+    dims = _v1_dims(model)  # refuses any other structure, naming it (v1_shape_problem)
+    return (*dims, model.encoder.layers[0].attention.num_heads)
 
 
 def load_canonical(model: SomaModel, tensors: dict[str, Tensor], where: str = "weights") -> None:
@@ -207,9 +285,12 @@ def load_canonical(model: SomaModel, tensors: dict[str, Tensor], where: str = "w
     model.load_state_dict(state, strict=True)
 
 
-def model_from_canonical(path: str | os.PathLike, num_heads: int = V1_NUM_HEADS, device: str = "cpu", attention: str = "reference") -> SomaModel:
-    """A V1 model in eval mode holding the file's weights. The default attention is the plain softmax
-    reference, bitwise the reference scorer's arithmetic on CPU; "sdpa" is faster and agrees to ~1e-5."""
+def model_from_canonical(path: str | os.PathLike, num_heads: int | None = None, device: str = "cpu", attention: str = "reference") -> SomaModel:
+    """A V1 model in eval mode holding the file's weights. `num_heads` None: the head count the file's
+    metadata records, else V1_NUM_HEADS; one that contradicts the metadata is refused (`resolve_num_heads`).
+    The default attention is the plain softmax reference, bitwise the reference scorer's arithmetic on CPU;
+    "sdpa" is faster and agrees to ~1e-5."""
+    num_heads = resolve_num_heads(path, num_heads)
     tensors = read_canonical(path)
     d_model, n_layers, hidden_dim, vocab = dims_of(tensors, str(path))
     try:
@@ -235,58 +316,3 @@ def check_device(device: str, flag: str = "--device") -> torch.device:
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise UserError(f"{flag}: {device} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return parsed
-
-
-def arrgen_noise(seed: int, d_model: int, slices: int = 256) -> Tensor:
-    """The runtime's SIGReg noise: soma-arrgen's normal(seed, [D, slices], 0, 1) in row-major order."""
-    import arrgen
-
-    return torch.from_numpy(np.asarray(arrgen.normal_array(seed, [d_model, slices], 0.0, 1.0), dtype=np.float32))
-
-
-def target_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-position NLL [B, T] in float32, zero where the target is PAD."""
-    return F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=PAD, reduction="none")
-
-
-def onchain_batch_loss(nll: Tensor, sigreg_raw: Tensor) -> Tensor:
-    """One batch's on-chain loss: NLL summed over non-PAD targets / (rows x S), plus 0.02 x raw SIGReg."""
-    return nll.sum() / nll.numel() + ONCHAIN_SIGREG.coefficient * sigreg_raw
-
-
-@dataclass
-class Score:
-    loss: float
-    ce: float
-    sigreg: float
-    n_tokens: int
-    n_batches: int
-    embedding_norm: float
-
-
-@torch.no_grad()
-def score(model: SomaModel, data: bytes, seed: int = 0, batch_size: int = 16, seq_len: int = 1024, autocast_dtype: torch.dtype | None = None) -> tuple[Score, Tensor]:
-    """The canonical scorer's loss and embedding of `data` (running means over batches, as ModelRunner::eval).
-    `ce` and `sigreg` (raw, before the 0.02) are running means of their per-batch values too."""
-    rows = tokenize(data, seq_len)
-    if len(rows["tokens"]) == 0:
-        raise UserError("--data: no data to score (0 bytes); the canonical scorer fails with EmptyData")
-    device = next(model.parameters()).device
-    d_model = model.embedding.embedding_dim
-    means = torch.zeros(3, dtype=torch.float32)
-    embedding = torch.zeros(d_model, dtype=torch.float32)
-    n_batches = 0
-    for b, start in enumerate(range(0, len(rows["tokens"]), batch_size)):
-        batch = {k: v[start : start + batch_size].to(device) for k, v in rows.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            reps = model.encode(batch["tokens"], batch["positions"])
-            logits = model.predict(reps)
-        nll = target_nll(logits, batch["targets"])
-        sig = sigreg_statistic(reps, arrgen_noise(seed + b, d_model).to(device))
-        values = torch.stack([onchain_batch_loss(nll, sig), nll.sum() / nll.numel(), sig]).float().cpu()
-        n_batches += 1
-        means += (values - means) / n_batches
-        embedding += (reps.float().mean(dim=1).mean(dim=0).cpu() - embedding) / n_batches
-    n_tokens = int((rows["targets"] != PAD).sum())
-    loss, ce, sig = means.tolist()
-    return Score(loss, ce, sig, n_tokens, n_batches, float(embedding.norm())), embedding

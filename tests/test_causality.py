@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from soma_lightning import build_model
-from soma_lightning.spec import REGISTRY
+from soma_lightning.components import REGISTRY
 from conftest import tiny_v1_arch
 
 

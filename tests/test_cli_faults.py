@@ -12,7 +12,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from soma_lightning import cli, v1
+from soma_lightning import v1
+from soma_lightning.cli import export as export_command, generate as generate_command, score as score_command
 from soma_lightning.callbacks import safetensors_export
 from soma_lightning.cli import main
 from soma_lightning.lm import SomaLM
@@ -60,18 +61,17 @@ def _never(*args, **kwargs):
 
 @pytest.mark.parametrize("batch_size", ["0", "-2"])
 def test_score_batch_size_must_be_positive(capsys, monkeypatch, weights, data, batch_size):
-    monkeypatch.setattr(cli, "model_from_canonical", _never)
+    monkeypatch.setattr(score_command, "model_from_canonical", _never)
     line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--batch-size", batch_size)
-    assert f"--batch-size: expected a positive number of sequences per batch, got {batch_size}" in line
+    assert f"--batch_size: expected a positive number of sequences per batch, got {batch_size}" in line
 
 
 @pytest.mark.parametrize("command", ["score", "generate"])
 @pytest.mark.parametrize("device, message", [("cuda", "no CUDA device is available"), ("cuda:0", "no CUDA device is available"), ("tpu", "expected cpu, cuda or cuda:N, got 'tpu'")], ids=["cuda", "cuda:0", "tpu"])
 def test_device_that_is_not_there_is_refused_before_loading(capsys, monkeypatch, tmp_path, weights, data, command, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli, "model_from_canonical", _never)
-    for loader in ("_load_run", "load_module"):
-        monkeypatch.setattr(cli, loader, _never, raising=False)
+    monkeypatch.setattr(score_command, "model_from_canonical", _never)
+    monkeypatch.setattr(generate_command, "load_module", _never)
     if command == "score":
         args = ["score", "--weights", str(weights), "--data", str(data), "--num-heads", "4"]
     else:
@@ -81,31 +81,32 @@ def test_device_that_is_not_there_is_refused_before_loading(capsys, monkeypatch,
 
 
 def test_score_embedding_out_in_a_missing_folder_is_refused_before_scoring(capsys, monkeypatch, tmp_path, weights, data):
-    monkeypatch.setattr(cli, "model_from_canonical", _never)
+    monkeypatch.setattr(score_command, "model_from_canonical", _never)
     line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--embedding-out", str(tmp_path / "missing" / "e.npy"))
-    assert line.endswith(f"--embedding-out: the folder {tmp_path / 'missing'} does not exist; create it first")
+    assert line.endswith(f"--embedding_out: the folder {tmp_path / 'missing'} does not exist; create it first")
     line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--embedding-out", str(tmp_path))
-    assert f"--embedding-out: {tmp_path} is a directory" in line
+    assert f"--embedding_out: {tmp_path} is a directory" in line
 
 
 def test_weights_not_of_the_registered_v1_size_warn_and_strict_v1_refuses(capsys, tmp_path, weights, data):
     main(["score", "--weights", str(weights), "--data", str(data), "--num-heads", "4"])
     out = capsys.readouterr()
     assert json.loads(out.out)["n_tokens"] == 1023
-    [warning] = out.err.strip().splitlines()
+    warning, scoring = out.err.strip().splitlines()
+    assert scoring.startswith("soma-lightning: scoring ") and "of 1024 bytes (the scorer's row length)" in scoring
     registered = "d_model 2048, 24 layers, 8 heads, hidden 8192, vocab 264"
     assert warning == (
         f"soma-lightning: warning: {weights} is d_model 16, 2 layers, 4 heads, hidden 32, vocab 264, not the registered V1 size "
-        f"({registered}) that the network's scorer loads; scoring it anyway (--strict-v1 refuses)"
+        f"({registered}) that the network's scorer loads; scoring it anyway (--strict_v1 refuses)"
     )
     line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--strict-v1")
-    assert line.startswith(f"soma-lightning: error: --strict-v1: {weights} is d_model 16, 2 layers") and registered in line
+    assert line.startswith(f"soma-lightning: error: --strict_v1: {weights} is d_model 16, 2 layers") and registered in line
     ckpt = _ckpt(tmp_path / "m.ckpt")
     line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m.safetensors"), "--strict-v1")
-    assert line.startswith(f"soma-lightning: error: --strict-v1: {ckpt} is d_model 16, 2 layers") and registered in line
+    assert line.startswith(f"soma-lightning: error: --strict_v1: {ckpt} is d_model 16, 2 layers") and registered in line
     assert not (tmp_path / "m.safetensors").exists()
     line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m.safetensors"), "--strict-v1", "--layout", "state_dict")
-    assert "--strict-v1: checks the canonical V1 layout, but --layout is state_dict" in line
+    assert "--strict_v1: checks the canonical V1 layout, but --layout is state_dict" in line
 
 
 def test_the_registered_v1_size_passes_the_shape_check():
@@ -123,8 +124,7 @@ def test_the_registered_v1_size_passes_the_shape_check():
 def test_export_out_that_is_a_directory_is_refused(capsys, monkeypatch, tmp_path):
     ckpt = _ckpt(tmp_path / "m.ckpt")
     (tmp_path / "out").mkdir()
-    for loader in ("_load_run", "load_module"):
-        monkeypatch.setattr(cli, loader, _never, raising=False)
+    monkeypatch.setattr(export_command, "load_module", _never)
     line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
     assert line.endswith(f"--out: {tmp_path / 'out'} is a directory; expected the path of the .safetensors file to write")
 

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,3 +124,11 @@ def test_structure_annotation(tmp_path):
     for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
         assert torch.equal(batch["structure"], batch_structure(batch["tokens"]))
         assert batch["structure"].shape == (*batch["tokens"].shape, 8)
+
+
+def test_data_modules_do_not_import_the_model_code():
+    """The data modules need only the light modules of the package: not spec.py, which imports every nn module."""
+    code = "import sys, soma_lightning.data_modules; print(' '.join(m for m in sys.modules if m.startswith('soma_lightning.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "soma_lightning.data_modules.multimodal" in loaded
+    assert [m for m in loaded if m == "soma_lightning.spec" or m.startswith("soma_lightning.nn")] == []

@@ -103,7 +103,7 @@ def test_layer_keeps_documents_apart():
     ctx = _ctx(70, doc_ids)
     with torch.no_grad():
         a, b = layer(x, ctx), layer(y, _ctx(70, doc_ids))
-    resets, bounds = ctx.cache["delta_resets"]  # built once per pass, with fla's sequence bounds
+    resets, bounds = ctx.delta_resets  # built once per pass, with fla's sequence bounds
     assert resets.nonzero().tolist() == [[0, 30], [1, 30]]
     assert bounds.tolist() == [0, 30, 70, 100, 140]
     torch.testing.assert_close(a[:, 30:], b[:, 30:])

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soma_lightning.data_modules.modalities import (
-    AudioConfig, AudioTokenizer, ImageConfig, ImageTokenizer, TokenSpace, _nearest, decode_to_files, framed, kmeans,
-    mulaw_decode, mulaw_encode, prompt, read_wav, resample, segments, text_ids, write_wav,
+from soma_lightning.data_modules.modalities import TokenSpace, decode_to_files, framed, prompt, segments, text_ids
+from soma_lightning.data_modules.tokenizers import (
+    AudioConfig, AudioTokenizer, ImageConfig, ImageTokenizer, _nearest, kmeans, mulaw_decode, mulaw_encode, read_wav, resample, write_wav,
 )
-from soma_lightning.spec import SpecError
+from soma_lightning.errors import SpecError
 
 RANGES = {"bytes": [0, 256], "specials": [256, 264], "markers": [264, 280], "code": [280, 536], "image": [536, 792], "audio": [792, 1048]}
 IMAGES = sorted(Path("tests/data/fashion_mnist").rglob("*.png"))

@@ -11,12 +11,14 @@ import pytest
 import torch
 import yaml
 
-from soma_lightning.cli import cli_main, main, prepare_from_spec
+from soma_lightning.cli import cli_main, main
+from soma_lightning.cli.prepare import prepare_from_spec
 from soma_lightning.data_modules.byte_corpus import RandomWindows
 from soma_lightning.data_modules.contract import EOS, PAD
-from soma_lightning.data_modules.modalities import BadInput, TokenSpace, read_wav
+from soma_lightning.data_modules.modalities import BadInput, TokenSpace
 from soma_lightning.data_modules.modalities import prompt as image_prompt
-from soma_lightning.data_modules.multimodal import LAYOUTS, Shards
+from soma_lightning.data_modules.shards import LAYOUTS, Shards
+from soma_lightning.data_modules.tokenizers import read_wav
 from soma_lightning.errors import UserError
 from soma_lightning.lm import RangeCE, SomaLM
 from soma_lightning.spec import ModelSpec, SpecError
@@ -189,8 +191,8 @@ def test_per_modality_validation_losses_fall(tmp_path):
     prepare_from_spec(str(cfg))
     cli_main(["validate", "--config", str(cfg)])  # the untrained model
     cli_main(["fit", "--config", str(cfg)])
-    before = _val(tmp_path / "runs/mm/version_0/metrics.csv")[0]
-    after = _val(tmp_path / "runs/mm/version_1/metrics.csv")[29]
+    before = json.loads((tmp_path / "runs/mm/validate-untrained.json").read_text())
+    after = _val(tmp_path / "runs/mm/version_0/metrics.csv")[29]
     for modality in ("bytes", "code", "image", "audio", "markers"):
         assert after[f"val/ce_{modality}"] < before[f"val/ce_{modality}"] - 0.1, modality  # fixed val batches: no noise
         assert abs(after[f"val/bits_per_token_{modality}"] - after[f"val/ce_{modality}"] / np.log(2)) < 1e-4
@@ -198,7 +200,7 @@ def test_per_modality_validation_losses_fall(tmp_path):
 
     # the trained run draws an image for a label prompt: ids of the whole token space (not only bytes), decodable
     out = tmp_path / "sneaker.npy"
-    main(["generate", "--ckpt", str(tmp_path / "runs/mm/version_1"), "--prompt", "Sneaker", "--modality", "image",
+    main(["generate", "--ckpt", str(tmp_path / "runs/mm/version_0"), "--prompt", "Sneaker", "--modality", "image",
           "--max-new-tokens", "40", "--temperature", "1.0", "--tokens-out", str(out)])
     ids = np.load(out)
     head = image_prompt(TokenSpace(yaml.safe_load(open(cfg))["model"]["arch"]["vocab_ranges"]), "Sneaker", "image")
@@ -217,5 +219,5 @@ def test_resume_draws_the_same_batches_and_losses(tmp_path):
     stop = {"class_path": "conftest.StopAtStep", "init_args": {"step": 3}}
     cli_main(["fit", "--config", str(split), f"--trainer.callbacks=[{json.dumps(stop)}]"])
     cli_main(["fit", "--config", str(split), "--ckpt_path", "last"])
-    a, b = train_losses(tmp_path / "runs/straight/version_0/metrics.csv"), train_losses(tmp_path / "runs/split/version_1/metrics.csv")
-    assert sorted(b) == [3, 4, 5] and [b[s] for s in (3, 4, 5)] == [a[s] for s in (3, 4, 5)]
+    a, b = train_losses(tmp_path / "runs/straight/version_0/metrics.csv"), train_losses(tmp_path / "runs/split/version_0/metrics.csv")
+    assert b == a and sorted(b) == list(range(6))  # the resumed run continues its directory

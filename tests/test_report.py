@@ -16,7 +16,7 @@ from conftest import train_tiny_spec
 @pytest.mark.slow
 def test_report_of_a_moe_run(tmp_path):
     callbacks = [
-        {"class_path": "soma_lightning.callbacks.Throughput", "init_args": {"window": 1}},
+        {"class_path": "soma_lightning.callbacks.Throughput"},
         {"class_path": "soma_lightning.callbacks.ExpertLoadMonitor", "init_args": {"every_n_steps": 2}},
         {"class_path": "soma_lightning.callbacks.BlockNormMonitor", "init_args": {"every_n_steps": 2}},
     ]

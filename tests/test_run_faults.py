@@ -3,6 +3,7 @@ subcommand, a non-finite loss, and the partial files of an interrupted save."""
 
 import csv
 import errno
+import json
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def test_resume_with_other_model_settings_is_refused_naming_the_keys(tmp_path, c
     assert code == 2 and "model.arch.d_model (checkpoint 32, config 64)" in error and "model.optim.lr (checkpoint 0.003, config 0.1)" in error
     # Asked for explicitly, the checkpoint's values are taken, and said so in the saved config.
     main(["fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps", "8", "--model.optim.lr", "0.1", "--ckpt_spec", "checkpoint"])
-    saved = yaml.safe_load(open(tmp_path / "runs" / "q" / "version_1" / "config.yaml"))
-    assert saved["model"]["optim"]["lr"] == 0.003 and int(metrics(tmp_path, "q", 1)[-1]["step"]) >= 7
+    saved = yaml.safe_load(open(tmp_path / "runs" / "q" / "version_0" / "config.yaml"))
+    assert saved["model"]["optim"]["lr"] == 0.003 and int(metrics(tmp_path, "q", 0)[-1]["step"]) >= 7
+    assert not (tmp_path / "runs" / "q" / "version_1").exists()
 
 
 def test_validate_with_ckpt_path_last_scores_the_last_checkpoint(tmp_path, capsys):
@@ -44,8 +46,9 @@ def test_validate_with_ckpt_path_last_scores_the_last_checkpoint(tmp_path, capsy
     fit_val = [float(r["val/loss"]) for r in metrics(tmp_path, "q", 0) if r.get("val/loss")][-1]
     main(["validate", "--config", config, "--ckpt_path", "last"])
     assert "runs/q/version_0/checkpoints/last.ckpt" in capsys.readouterr().err
-    validated = [float(r["val/loss"]) for r in metrics(tmp_path, "q", 1) if r.get("val/loss")]
-    assert validated == [fit_val]
+    results = json.loads((tmp_path / "runs" / "q" / "version_0" / "validate-last.json").read_text())
+    assert results["val/loss"] == pytest.approx(fit_val, rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "runs" / "q").iterdir()) == ["version_0"]
 
 
 def test_non_finite_loss_stops_the_run_with_a_one_line_error(tmp_path, capsys):

@@ -30,7 +30,7 @@ def random_graph(b: int, t: int, e: int = 6) -> Graph:
 
 def graph_ctx(graph: Graph) -> SequenceContext:
     b, t, _ = graph.neighbors.shape
-    return SequenceContext(positions=torch.arange(t, device=graph.neighbors.device).expand(b, -1), cache={"semantic_graph": graph})
+    return SequenceContext(positions=torch.arange(t, device=graph.neighbors.device).expand(b, -1), semantic_graph=graph)
 
 
 def attention(d_model: int = 24, num_heads: int = 3, **kwargs) -> GraphAttention:
@@ -158,3 +158,17 @@ def test_mu_blocks_are_contiguous_slices_in_order():
 def test_bad_arguments_name_themselves(make, name):
     with pytest.raises(ValueError, match=f"^{name}: "):
         make()
+
+
+def test_attention_dropout_applies_on_every_path_that_trains_or_is_refused():
+    """gather and reference drop attention weights in training (not in eval); flex has no dropout and says so."""
+    graph, x = random_graph(2, 30), torch.randn(2, 30, 24)
+    for impl in ("gather", "reference"):
+        attn = attention(impl=impl, dropout=0.5)
+        attn.eval()
+        plain = attn(x, graph_ctx(graph))
+        torch.testing.assert_close(attn(x, graph_ctx(graph)), plain)
+        attn.train()
+        assert not torch.allclose(attn(x, graph_ctx(graph)), plain), impl
+    with pytest.raises(ValueError, match="^dropout: impl 'flex' has no attention dropout"):
+        GraphAttention(24, 3, impl="flex", dropout=0.1)

@@ -10,7 +10,8 @@ import yaml
 from soma_lightning.cli import main
 from soma_lightning.data_modules.byte_corpus import DataError
 from soma_lightning.data_modules.modalities import BadInput
-from soma_lightning.data_modules.multimodal import MultimodalCorpus, Source, _load
+from soma_lightning.data_modules.multimodal import MultimodalCorpus
+from soma_lightning.data_modules.prepare import Source, _load
 from conftest import run_config
 
 

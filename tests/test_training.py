@@ -32,10 +32,10 @@ def test_resume_continues_step_and_loss_exactly(tmp_path):
     cli_main(["fit", "--config", str(run_config(tmp_path, "split", 8)), f"--trainer.callbacks=[{json.dumps(interrupted)}]"])
     cli_main(["fit", "--config", str(run_config(tmp_path, "split", 8)), "--ckpt_path", "last"])
     straight = train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
-    resumed = train_losses(tmp_path / "runs/split/version_1/metrics.csv")
-    assert sorted(resumed) == [4, 5, 6, 7]
-    assert [resumed[s] for s in range(4, 8)] == [straight[s] for s in range(4, 8)]
-    ckpt = torch.load(tmp_path / "runs/split/version_1/checkpoints/last.ckpt", weights_only=True)
+    resumed = train_losses(tmp_path / "runs/split/version_0/metrics.csv")  # the resumed run continues its directory
+    assert not (tmp_path / "runs/split/version_1").exists()
+    assert resumed == straight and sorted(resumed) == list(range(8))
+    ckpt = torch.load(tmp_path / "runs/split/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8
 
 
@@ -75,7 +75,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_throughput_callback_logs_tokens_and_flops(tmp_path):
-    callback = {"class_path": "soma_lightning.callbacks.Throughput", "init_args": {"window": 2}}
+    callback = {"class_path": "soma_lightning.callbacks.Throughput"}
     cli_main(["fit", "--config", str(run_config(tmp_path, "speed", 5)), f"--trainer.callbacks=[{json.dumps(callback)}]"])
     rows = [r for r in csv.DictReader(open(tmp_path / "runs/speed/version_0/metrics.csv")) if r.get("train/tokens_per_s")]
     assert len(rows) >= 3 and all(float(r["train/tokens_per_s"]) > 0 and float(r["train/tflops"]) > 0 for r in rows)

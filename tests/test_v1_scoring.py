@@ -20,7 +20,8 @@ from soma_lightning import build_model
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.lm import SomaLM
 from soma_lightning.spec import ModelSpec
-from soma_lightning.v1 import WeightsError, model_from_canonical, read_canonical, save_canonical, score, v1_spec
+from soma_lightning.onchain import score
+from soma_lightning.v1 import WeightsError, model_from_canonical, read_canonical, save_canonical, v1_spec
 
 CONFIGS = {"d16": dict(embedding_dim=16, pwff_hidden_dim=32, num_layers=2, num_heads=4), "d64": dict(embedding_dim=64, pwff_hidden_dim=256, num_layers=1, num_heads=8)}
 SIZES = {"1B": 1, "5B": 5, "2048B": 2048, "5000B": 5000, "16x1024B": 16 * 1024, "40000B": 40000}

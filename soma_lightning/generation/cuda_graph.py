@@ -3,39 +3,37 @@ and replayed for every token, gpt-fast style. An eager step is many small kernel
 host-bound at small batch; a replay is one launch.
 
 Static decoding needs every module that decoding runs to keep no shape and no host value that depends on
-the length (`static_blocker`): `mha`, `gqa` without a structural bias, `gelu_mlp`, in-block MTP heads,
-LayerNorm / RMSNorm and the plain token embedding. Gated DeltaNet, SOSM's semantic state and graph
-attention, a structural bias, hashed n-gram embeddings and MoE (routing with data-dependent shapes) decode
-on the eager cached path. The prompt's prefill stays eager (its length varies) and fills the static caches.
+the length (`static_blocker`; a component says so by `supports_static_decode()`, nn/protocols.py): `mha`,
+`gqa` without a structural bias, `gelu_mlp`, in-block MTP heads, LayerNorm / RMSNorm and the plain token
+embedding. Gated DeltaNet, SOSM's semantic state and graph attention, a structural bias, input embeddings
+and MoE (routing with data-dependent shapes) decode on the eager cached path. The prompt's prefill stays
+eager (its length varies) and fills the static caches.
 """
 
 import itertools
 import weakref
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from soma_lightning.nn.attention import MultiHeadAttention
 from soma_lightning.nn.decode import DecodeState
-from soma_lightning.nn.ffn import GeluMLP
-from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.model import SomaModel
-from soma_lightning.nn.mtp import MTPHeads
+from soma_lightning.nn.protocols import supports_static_decode
 
 STATIC_CAPACITY_STEP = 256  # static caches are sized in multiples of this, so that similar lengths share one graph
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (lazy initialisation must not be captured)
-STATIC_MODULES = (nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.Dropout, GeluMLP, MTPHeads, MultiHeadAttention)
 
 
 def static_blocker(model: SomaModel) -> str | None:
-    """None when every module that decoding runs supports static decoding (and so the CUDA graph): those of
-    STATIC_MODULES and `gqa` without a structural bias; otherwise the first that does not, as `name (Type)`."""
+    """None when every module that decoding runs supports static decoding (and so the CUDA graph);
+    otherwise the first that does not, as `name (Type)`. Input embeddings never do: they read earlier tokens,
+    which static decoding does not keep."""
     if len(model.input_embeddings):
         return f"input_embeddings.0 ({type(model.input_embeddings[0]).__name__})"
     modules = [("embedding", model.embedding), ("final_norm", model.final_norm)]
     modules += [(f"encoder.layers.{i}.{name}", m) for i, block in enumerate(model.encoder.layers) for name, m in block.named_children()]
     for name, module in modules:
-        if not (isinstance(module, STATIC_MODULES) or (isinstance(module, GroupedQueryAttention) and module.structure_bias is None)):
+        if not supports_static_decode(module):
             return f"{name} ({type(module).__name__})"
     return None
 

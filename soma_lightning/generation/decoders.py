@@ -7,13 +7,12 @@
 
 MoE layers decode dropless: capacity-factor dropping depends on how many tokens share the forward pass
 (the capacity grows with the sequence), so a position's output would change as the sequence grows and a
-cache could never reproduce it. Every path therefore runs with `capacity_factor` switched off (`dropless`),
-which is the usual inference rule.
+cache could never reproduce it. Every path therefore runs with `capacity_factor` switched off (`dropless`:
+every component in its `decoding()` mode, nn/protocols.py), which is the usual inference rule.
 """
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,24 +22,14 @@ from soma_lightning.data_modules.structure import StructureScanner, batch_struct
 from soma_lightning.errors import UserError
 from soma_lightning.generation.cuda_graph import static_decoder
 from soma_lightning.nn.decode import DecodeState
-from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.model import SomaModel
-from soma_lightning.nn.moe import MoE
-from soma_lightning.nn.mtp import MTPHeads
+from soma_lightning.nn.protocols import decoding, mtp_horizons, reads_structure
 
 
-@contextmanager
-def dropless(model: nn.Module) -> Iterator[None]:
-    """Every MoE layer of `model` without capacity dropping for the duration (see the module docstring)."""
-    routed = [m for m in model.modules() if isinstance(m, MoE)]
-    saved = [m.capacity_factor for m in routed]
-    for m in routed:
-        m.capacity_factor = None
-    try:
-        yield
-    finally:
-        for m, capacity in zip(routed, saved):
-            m.capacity_factor = capacity
+def dropless(model: nn.Module) -> AbstractContextManager[None]:
+    """Every component of `model` in its `decoding()` mode for the duration: MoE layers without capacity
+    dropping (see the module docstring)."""
+    return decoding(model)
 
 
 @dataclass
@@ -73,10 +62,6 @@ def emittable(vocab_size: int, vocab_ranges: dict[str, list[int]] | None, device
         keep[PAD] = False
     keep[EOS] = True
     return keep
-
-
-def reads_structure(model: nn.Module) -> bool:
-    return any(isinstance(m, GroupedQueryAttention) and m.structure_bias is not None for m in model.modules())
 
 
 class _Structure:
@@ -126,10 +111,10 @@ def speculative_decode(model: SomaModel, prompt: Tensor, max_new_tokens: int, vo
     drafts against the main head's greedy choices, keeps the longest agreeing prefix (plus the main head's
     token after it) and rolls the caches back to it. Choices and drafts range over the emittable ids, as
     in plain decoding: the same tokens as plain greedy decoding, in fewer forward passes."""
-    heads = [m for m in model.encoder.modules() if isinstance(m, MTPHeads)]
-    if not heads:
+    horizons_per_head = [n for n in map(mtp_horizons, model.encoder.modules()) if n]  # in layer order
+    if not horizons_per_head:
         raise UserError("speculative: the model has no in-block MTP heads (mtp_heads) to draft with")
-    horizons = len(heads[-1].heads)
+    horizons = horizons_per_head[-1]
     decoder = Decoder(model, 1, prompt.shape[1] + max_new_tokens + horizons + 1, "cache")
     if decoder.structure is not None:
         raise UserError("speculative: not supported for models with a structural attention bias (the structure scan cannot roll back)")

@@ -62,13 +62,15 @@ def _generate(
     decoder = Decoder(model, b, prompt_length + max_new_tokens, decoding, record_attention=trace)
     generator = torch.Generator(prompt.device).manual_seed(seed) if temperature > 0 else None
     allowed = emittable(model.predictor.out_features, vocab_ranges, prompt.device)
-    layer = attention_layer(model) if trace else None
+    layer = None  # the attention layer a trace reports: known after the first pass
     out = Generation(tokens=[[] for _ in range(b)], stop_reasons=["max_new_tokens"] * b)
     finished = [False] * b
     stopped = torch.zeros(b, dtype=torch.bool, device=prompt.device)  # `finished` on the device
     tokens, new = prompt, prompt
     for step in range(max_new_tokens):
         raw = decoder.logits(new)[0][:, -1].float()
+        if trace and step == 0:
+            layer = attention_layer(model, decoder.state)
         logits = raw.masked_fill(~allowed, float("-inf"))
         stages: list[Stage] = []
         for processor in processors:

@@ -9,10 +9,7 @@ from torch import Tensor, nn
 
 from soma_lightning.checkpoint_io import atomic_write
 from soma_lightning.data_modules.contract import EOS
-from soma_lightning.nn.attention import MultiHeadAttention
 from soma_lightning.nn.decode import DecodeState
-from soma_lightning.nn.gqa import GroupedQueryAttention
-from soma_lightning.nn.graph_attention import GraphAttention
 from soma_lightning.nn.model import SomaModel
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
 
@@ -21,9 +18,10 @@ Stage = tuple[str, Tensor, Tensor]  # a processor's name and the logits [B, V] b
 Layer = tuple[str, nn.Module]
 
 
-def attention_layer(model: SomaModel) -> Layer | None:
-    """The last softmax-attention mixer of the main layers (whose weights a trace reports)."""
-    found = [(name, m) for name, m in model.encoder.named_modules() if isinstance(m, (MultiHeadAttention, GroupedQueryAttention, GraphAttention))]
+def attention_layer(model: SomaModel, state: DecodeState) -> Layer | None:
+    """The last mixer of the main layers that recorded its attention weights in `state` during a pass with
+    `record_attention` (softmax attention does): the one whose weights a trace reports."""
+    found = [(name, m) for name, m in model.encoder.named_modules() if m in state.attention]
     return (f"encoder.{found[-1][0]}", found[-1][1]) if found else None
 
 

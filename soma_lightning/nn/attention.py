@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import cached_attention, causal_mask
 from soma_lightning.nn.ops.attention.reference import causal_attention_reference
+from soma_lightning.nn.protocols import ComponentArgumentError
 from soma_lightning.nn.rope import apply_rope
 
 
@@ -22,11 +23,11 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         if num_heads <= 0 or d_model % num_heads:
-            raise ValueError(f"num_heads: d_model {d_model} is not divisible by num_heads {num_heads}")
+            raise ComponentArgumentError("num_heads", f"d_model {d_model} is not divisible by num_heads {num_heads}")
         if (d_model // num_heads) % 2:
-            raise ValueError(f"num_heads: head dim d_model/num_heads = {d_model // num_heads} must be even for RoPE")
+            raise ComponentArgumentError("num_heads", f"head dim d_model/num_heads = {d_model // num_heads} must be even for RoPE")
         if rope_scale < 1.0:
-            raise ValueError(f"rope_scale: must be >= 1.0, got {rope_scale}")
+            raise ComponentArgumentError("rope_scale", f"must be >= 1.0, got {rope_scale}")
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.rope_base = rope_base
@@ -57,3 +58,6 @@ class MultiHeadAttention(nn.Module):
         """Forward FLOPs: the four projections, plus QK^T and AV over the (seq_len+1)/2 keys a causal query sees."""
         d = self.query.in_features
         return 4 * 2 * d * d + 2 * 2 * d * (seq_len + 1) / 2
+
+    def supports_static_decode(self) -> bool:
+        return True

@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor, nn
 
+from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
 from soma_lightning.token_space import modality_of
 
 _PRIME = 2_147_483_647  # 2^31 - 1: products below stay inside int64
@@ -18,11 +19,10 @@ class HashedNgramEmbedding(nn.Module):
     def __init__(self, d_model: int, ngram_sizes: tuple[int, ...] = (2, 3, 4), num_tables: int = 2, buckets: int = 65536) -> None:
         super().__init__()
         if not ngram_sizes or min(ngram_sizes) < 1:
-            raise ValueError(f"ngram_sizes: need sizes >= 1, got {ngram_sizes}")
+            raise ComponentArgumentError("ngram_sizes", f"need sizes >= 1, got {ngram_sizes}")
         if not 1 <= num_tables <= len(_MULTIPLIERS):
-            raise ValueError(f"num_tables: must be in 1..{len(_MULTIPLIERS)}, got {num_tables}")
-        if buckets < 1:
-            raise ValueError(f"buckets: must be positive, got {buckets}")
+            raise ComponentArgumentError("num_tables", f"must be in 1..{len(_MULTIPLIERS)}, got {num_tables}")
+        check_positive(buckets=buckets)
         self.ngram_sizes, self.num_tables, self.buckets = list(ngram_sizes), num_tables, buckets
         self.lookback = max(ngram_sizes) - 1  # earlier tokens a position's embedding reads
         self.tables = nn.ModuleList(nn.Embedding(buckets, d_model) for _ in range(len(ngram_sizes) * num_tables))
@@ -51,7 +51,7 @@ class ModalityEmbedding(nn.Module):
     def __init__(self, d_model: int, vocab_ranges: dict[str, list[int]] | None = None) -> None:
         super().__init__()
         if not vocab_ranges:
-            raise ValueError("vocab_ranges: the modality embedding needs model.arch.vocab_ranges")
+            raise ComponentArgumentError("vocab_ranges", "the modality embedding needs model.arch.vocab_ranges")
         self.ranges = dict(vocab_ranges)
         self.lookback = 0
         self.table = nn.Embedding(len(self.ranges), d_model)

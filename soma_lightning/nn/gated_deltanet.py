@@ -20,18 +20,19 @@ from soma_lightning.nn.ops.delta_rule import (
     sequence_bounds,
     short_conv,
 )
+from soma_lightning.nn.protocols import ComponentArgumentError, check_positive, linear_flops
 
 
 def document_resets(ctx: SequenceContext) -> tuple[Tensor, Tensor] | tuple[None, None]:
     """[B, T] bool, True where a new document starts (never at position 0), and their `sequence_bounds`;
-    None, None without document ids. Built once per forward pass and shared by all layers through ctx.cache."""
+    None, None without document ids. Built once per forward pass and shared by all layers through ctx.delta_resets."""
     if ctx.doc_ids is None:
         return None, None
-    if "delta_resets" not in ctx.cache:
+    if ctx.delta_resets is None:
         doc = ctx.doc_ids
         resets = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0))
-        ctx.cache["delta_resets"] = resets, sequence_bounds(resets)
-    return ctx.cache["delta_resets"]
+        ctx.delta_resets = resets, sequence_bounds(resets)
+    return ctx.delta_resets
 
 
 class GatedDeltaNet(nn.Module):
@@ -47,18 +48,14 @@ class GatedDeltaNet(nn.Module):
     ) -> None:
         super().__init__()
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        sizes = dict(
-            d_model=d_model, num_heads=num_heads, num_v_heads=num_v_heads, head_dim=head_dim, v_head_dim=v_head_dim, conv_size=conv_size
+        check_positive(
+            d_model=d_model, num_heads=num_heads, num_v_heads=num_v_heads, head_dim=head_dim, v_head_dim=v_head_dim, conv_size=conv_size,
+            norm_eps=norm_eps,
         )
-        for name, value in sizes.items():
-            if value < 1:
-                raise ValueError(f"{name}: must be positive, got {value}")
         if num_v_heads % num_heads:
-            raise ValueError(f"num_v_heads: must be a multiple of num_heads ({num_heads}), got {num_v_heads}")
-        if norm_eps <= 0:
-            raise ValueError(f"norm_eps: must be positive, got {norm_eps}")
+            raise ComponentArgumentError("num_v_heads", f"must be a multiple of num_heads ({num_heads}), got {num_v_heads}")
         if impl not in ("auto", "recurrent", "chunked", "fla"):
-            raise ValueError(f"impl: expected auto, recurrent, chunked or fla, got {impl!r}")
+            raise ComponentArgumentError("impl", f"expected auto, recurrent, chunked or fla, got {impl!r}")
         self.num_heads, self.num_v_heads, self.head_dim, self.v_head_dim = num_heads, num_v_heads, head_dim, v_head_dim
         self.impl = impl
         key_dim, value_dim = num_heads * head_dim, num_v_heads * v_head_dim
@@ -121,7 +118,7 @@ class GatedDeltaNet(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections plus the chunked delta rule's matrix work (chunks of CHUNK_SIZE, so not seq_len)."""
-        projections = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        projections = linear_flops(self)
         k, v, c = self.head_dim, self.v_head_dim, CHUNK_SIZE
         # Per value head: w S, q S and the state update (2KV each); q k^T, A and the products with delta,
         # then the solves for u and w (about 2C(K + V) each).

@@ -16,6 +16,7 @@ from soma_lightning.nn.decode import cached_attention, causal_mask
 from soma_lightning.nn.ops.attention.backends import BACKENDS
 from soma_lightning.nn.ops.attention.masks import visible
 from soma_lightning.nn.ops.attention.structure_bias import structure_bias
+from soma_lightning.nn.protocols import ComponentArgumentError
 from soma_lightning.nn.rope import apply_rope
 
 
@@ -38,17 +39,17 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if structure_buckets is not None and not 2 <= structure_buckets <= 256:
-            raise ValueError(f"structure_buckets: need 2 to 256 buckets (stored as bytes) or null, got {structure_buckets}")
+            raise ComponentArgumentError("structure_buckets", f"need 2 to 256 buckets (stored as bytes) or null, got {structure_buckets}")
         if num_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+            raise ComponentArgumentError("num_kv_heads", f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         head_dim = head_dim or d_model // num_heads
         if head_dim % 2 or head_dim <= 0:
-            raise ValueError(f"head_dim: must be positive and even for RoPE, got {head_dim}")
+            raise ComponentArgumentError("head_dim", f"must be positive and even for RoPE, got {head_dim}")
         for name, value in (("window", window), ("global_stride", global_stride)):
             if value is not None and value <= 0:
-                raise ValueError(f"{name}: must be positive or null, got {value}")
+                raise ComponentArgumentError(name, f"must be positive or null, got {value}")
         if global_stride is not None and window is None:
-            raise ValueError("global_stride: global keys only make sense with a window")
+            raise ComponentArgumentError("global_stride", "global keys only make sense with a window")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.window, self.global_stride, self.dropout = rope_base, window, global_stride, dropout
         self.impl = impl
@@ -68,10 +69,12 @@ class GroupedQueryAttention(nn.Module):
     def impl(self, impl: str) -> None:
         """Pick the backend (also after construction: bench/generate.py switches loaded models to SDPA)."""
         if impl not in BACKENDS:
-            raise ValueError(f"impl: expected one of {', '.join(BACKENDS)}, got {impl!r}")
+            raise ComponentArgumentError("impl", f"expected one of {', '.join(BACKENDS)}, got {impl!r}")
         backend = BACKENDS[impl](self.window, self.global_stride)
         if self.dropout > 0 and not backend.supports_dropout:
-            raise ValueError(f"dropout: impl {impl!r} has no attention dropout, got {self.dropout}; use impl 'auto' or 'sdpa', or dropout 0")
+            raise ComponentArgumentError(
+                "dropout", f"impl {impl!r} has no attention dropout, got {self.dropout}; use impl 'auto' or 'sdpa', or dropout 0"
+            )
         self._impl, self.backend = impl, backend
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
@@ -124,3 +127,10 @@ class GroupedQueryAttention(nn.Module):
             keys = (local + far) / t
         projections = 2 * (self.q_proj.weight.numel() + self.k_proj.weight.numel() + self.v_proj.weight.numel() + self.o_proj.weight.numel())
         return projections + 2 * 2 * self.num_heads * self.head_dim * keys
+
+    def reads_structure(self) -> bool:
+        return self.structure_bias is not None
+
+    def supports_static_decode(self) -> bool:
+        """Not with the structural bias: its decoding reads the structure rows, which grow with the length."""
+        return self.structure_bias is None

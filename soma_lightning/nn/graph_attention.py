@@ -19,6 +19,7 @@ from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import KVCache
 from soma_lightning.nn.ops.attention.flex import flex
 from soma_lightning.nn.ops.attention.reference import masked_attention_reference
+from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
 from soma_lightning.nn.rope import apply_rope
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
 
@@ -94,10 +95,10 @@ def graph_score_mod(neighbors: Tensor, edge_type: Tensor, edge_bias: Tensor):
 
 
 class GraphAttention(nn.Module):
-    """Multi-head attention along the edges of `ctx.cache["semantic_graph"]` (put there by the model before
+    """Multi-head attention along the edges of `ctx.semantic_graph` (put there by the model before
     the layers run), RoPE on q/k, plus a learned bias per (head, edge type), zero at the start. impl "auto"
     is "gather". "flex" has no backward on CPU: the CPU tests check its forward, only GPU tests its
-    training. Attention dropout applies on the gather path only."""
+    training, and no attention dropout (dropout > 0 with it is refused)."""
 
     default_name = "attention"
 
@@ -111,13 +112,14 @@ class GraphAttention(nn.Module):
         impl: Literal["auto", "gather", "flex", "reference"] = "auto",
     ) -> None:
         super().__init__()
-        if num_heads <= 0:
-            raise ValueError(f"num_heads: must be positive, got {num_heads}")
+        check_positive(num_heads=num_heads)
         head_dim = head_dim or d_model // num_heads
         if head_dim <= 0 or head_dim % 2:
-            raise ValueError(f"head_dim: must be positive and even for RoPE, got {head_dim}")
+            raise ComponentArgumentError("head_dim", f"must be positive and even for RoPE, got {head_dim}")
         if impl not in ("auto", "gather", "flex", "reference"):
-            raise ValueError(f"impl: expected auto, gather, flex or reference, got {impl}")
+            raise ComponentArgumentError("impl", f"expected auto, gather, flex or reference, got {impl}")
+        if impl == "flex" and dropout > 0:
+            raise ComponentArgumentError("dropout", f"impl 'flex' has no attention dropout, got {dropout}; use impl 'gather', or dropout 0")
         self.num_heads, self.head_dim, self.rope_base = num_heads, head_dim, rope_base
         self.dropout, self.impl = dropout, impl
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
@@ -129,9 +131,9 @@ class GraphAttention(nn.Module):
         self.last_edges_per_token: Tensor | float = 16.0
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
-        graph = ctx.cache.get("semantic_graph")
+        graph = ctx.semantic_graph
         if graph is None:
-            raise RuntimeError("GraphAttention needs ctx.cache['semantic_graph']: build the semantic graph before the layers run")
+            raise RuntimeError("GraphAttention needs ctx.semantic_graph: build the semantic graph before the layers run")
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim)
@@ -148,12 +150,13 @@ class GraphAttention(nn.Module):
                 dense = weights[0].new_zeros(b, self.num_heads, t, k.shape[2] + 1).scatter_(-1, columns, weights[0])
                 ctx.decode.attention[self] = dense[..., :-1]
         elif self.impl == "flex":
-            if "semantic_graph_block_mask" not in ctx.cache:
-                ctx.cache["semantic_graph_block_mask"] = graph_block_mask(graph.neighbors)
+            if ctx.semantic_graph_block_mask is None:
+                ctx.semantic_graph_block_mask = graph_block_mask(graph.neighbors)
             score_mod = graph_score_mod(graph.neighbors, graph.edge_type.clamp(min=0), self.edge_bias)
-            y = flex(q, k, v, ctx.cache["semantic_graph_block_mask"], score_mod, FLEX_BACKWARD_TILES)
+            y = flex(q, k, v, ctx.semantic_graph_block_mask, score_mod, FLEX_BACKWARD_TILES)
         elif self.impl == "reference":
-            y = masked_attention_reference(q, k, v, *dense_graph(graph.neighbors, slot_bias(self.edge_bias, graph.edge_type)))
+            mask, bias = dense_graph(graph.neighbors, slot_bias(self.edge_bias, graph.edge_type))
+            y = masked_attention_reference(q, k, v, mask, bias, self.dropout if self.training else 0.0)
         else:
             bias = slot_bias(self.edge_bias, graph.edge_type)
             y = gather_attention(q, k, v, graph.neighbors, bias, self.dropout if self.training else 0.0)

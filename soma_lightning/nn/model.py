@@ -11,13 +11,14 @@ from torch.utils.checkpoint import checkpoint
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import DecodeState
-from soma_lightning.nn.mtp import MTPHeads, MTPPrediction, SequentialMTP
+from soma_lightning.nn.mtp import MTPPrediction, SequentialMTP
+from soma_lightning.nn.protocols import lookback, mtp_horizons
 
 
 @dataclass
 class Sublayer:
-    """One residual branch of a block: x + drop(module(norm(x))). MTP heads are the exception: they read
-    norm(x), add their predictions to the block's, and leave x as it is."""
+    """One residual branch of a block: x + drop(module(norm(x))). MTP components are the exception: they
+    read norm(x), add their predictions to the block's, and leave x as it is."""
 
     name: str  # attribute name of the module inside its block
     module: nn.Module
@@ -34,6 +35,7 @@ class Block(nn.Module):
     def __init__(self, sublayers: list[Sublayer], dropout: float = 0.0) -> None:
         super().__init__()
         self.order: list[tuple[str | None, str]] = []
+        self.mtp_sublayers = {sub.name for sub in sublayers if mtp_horizons(sub.module)}
         for k, sub in enumerate(sublayers, start=1):
             norm_name = None
             if sub.norm is not None:
@@ -48,7 +50,7 @@ class Block(nn.Module):
         for norm_name, name in self.order:
             module = self.get_submodule(name)
             norm = (lambda h: h) if norm_name is None else self.get_submodule(norm_name)
-            if isinstance(module, MTPHeads):
+            if name in self.mtp_sublayers:
                 if ctx.mtp is not None:
                     predictions.extend(module(norm(x), ctx))
                 continue
@@ -126,9 +128,9 @@ class SomaModel(nn.Module):
         for embedding in self.input_embeddings:
             if ctx.decode is None:
                 x = x + embedding(tokens)
-            else:  # the new tokens with the `lookback` earlier ones they read (all, for a module without it)
-                lookback = getattr(embedding, "lookback", ctx.decode.length)
-                x = x + embedding(ctx.decode.tokens[:, -(tokens.shape[1] + lookback) :])[:, -tokens.shape[1] :]
+            else:  # the new tokens with the earlier ones they read
+                earlier = lookback(embedding, default=ctx.decode.length)
+                x = x + embedding(ctx.decode.tokens[:, -(tokens.shape[1] + earlier) :])[:, -tokens.shape[1] :]
         return self.encoder(x, ctx)
 
     def encode(self, tokens: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None, structure: Tensor | None = None) -> Tensor:

@@ -6,13 +6,15 @@ Hopper) or as a plain loop over experts; both compute the same function.
 """
 
 import math
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
 
 
 def expert_loop(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, swiglu: bool) -> Tensor:
@@ -67,13 +69,12 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"num_experts: must be at least 1, got {num_experts}")
+            raise ComponentArgumentError("num_experts", f"must be at least 1, got {num_experts}")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: must be in 1..num_experts ({num_experts}), got {top_k}")
+            raise ComponentArgumentError("top_k", f"must be in 1..num_experts ({num_experts}), got {top_k}")
         if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor: must be positive or null (dropless), got {capacity_factor}")
-        if hidden_dim <= 0:
-            raise ValueError(f"hidden_dim: must be positive, got {hidden_dim}")
+            raise ComponentArgumentError("capacity_factor", f"must be positive or null (dropless), got {capacity_factor}")
+        check_positive(hidden_dim=hidden_dim)
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.capacity_factor, self.balance = capacity_factor, balance
         self.aux_loss_weight, self.z_loss_weight, self.bias_update_rate = aux_loss_weight, z_loss_weight, bias_update_rate
@@ -140,6 +141,29 @@ class MoE(nn.Module):
         self.aux_loss = aux
         self.stats = {"tokens_per_expert": assigned.detach(), "dropped_fraction": 1 - keep.float().mean().detach()}
         return out.view(t, b, d).transpose(0, 1)
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        return {} if self.aux_loss is None else {"moe_aux_loss": self.aux_loss}
+
+    def aux_metrics(self) -> dict[str, Tensor]:
+        """moe_max_load: the busiest expert's share of assignments over the mean share."""
+        if not self.stats:
+            return {}
+        load = self.stats["tokens_per_expert"].float()
+        return {"moe_max_load": load.max() / load.mean(), "moe_dropped_fraction": self.stats["dropped_fraction"]}
+
+    def after_train_batch(self) -> None:
+        self.update_selection_bias()
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Dropless for the duration: capacity dropping depends on how many tokens share the pass, so a
+        cache could not reproduce it (generation/decoders.py)."""
+        saved, self.capacity_factor = self.capacity_factor, None
+        try:
+            yield
+        finally:
+            self.capacity_factor = saved
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.protocols import ComponentArgumentError
 
 
 class MTPPrediction(NamedTuple):
@@ -35,16 +36,23 @@ class MTPHeads(nn.Module):
     def __init__(self, d_model: int, horizons: int = 4, loss_weight: float = 0.1, norm_eps: float = 1e-6) -> None:
         super().__init__()
         if horizons < 1:
-            raise ValueError(f"horizons: must be at least 1, got {horizons}")
+            raise ComponentArgumentError("horizons", f"must be at least 1, got {horizons}")
         if loss_weight < 0:
-            raise ValueError(f"loss_weight: must be non-negative, got {loss_weight}")
+            raise ComponentArgumentError("loss_weight", f"must be non-negative, got {loss_weight}")
         self.loss_weight = loss_weight
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d_model, d_model, bias=False), nn.RMSNorm(d_model, eps=norm_eps)) for _ in range(horizons)
         )
 
+    @property
+    def horizons(self) -> int:
+        return len(self.heads)
+
     def forward(self, x: Tensor, ctx: SequenceContext) -> list[MTPPrediction]:
         return [MTPPrediction(k, self.loss_weight, head(x)) for k, head in enumerate(self.heads, start=1)]
+
+    def supports_static_decode(self) -> bool:
+        return True
 
 
 class MTPDepth(nn.Module):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import KVCache, causal_offset_mask
+from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
 from soma_lightning.nn.semantic_graph import BLOCK_DIM, MU_BLOCKS, GraphConfig, build_graph
 
 NUM_BLOCKS = len(MU_BLOCKS)
@@ -58,7 +59,7 @@ class SemanticCache:
 
 class SemanticStateEmbedding(nn.Module):
     """The model's token embedding for SOSM: `forward(tokens, ctx)` returns x [B, T, d_model] and puts the
-    semantic graph of MU (`graph`: GraphConfig fields) in ctx.cache["semantic_graph"]; `embed(tokens)`
+    semantic graph of MU (`graph`: GraphConfig fields) in ctx.semantic_graph; `embed(tokens)`
     returns (x, mu [B, T, 64]).
 
     MU is a factorised embedding (vocab -> factor_dim -> 64). With `block_attention`, each block also
@@ -84,15 +85,13 @@ class SemanticStateEmbedding(nn.Module):
         try:
             self.graph = GraphConfig(**(graph or {}))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"graph: {e}") from None
-        for name, value in (("d_model", d_model), ("vocab_size", vocab_size), ("factor_dim", factor_dim), ("temporal_dim", temporal_dim)):
-            if value <= 0:
-                raise ValueError(f"{name}: must be positive, got {value}")
+            raise ComponentArgumentError("graph", str(e)) from None
+        check_positive(d_model=d_model, vocab_size=vocab_size, factor_dim=factor_dim, temporal_dim=temporal_dim)
         for name, value in (("orthogonality_weight", orthogonality_weight), ("variance_weight", variance_weight)):
             if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
+                raise ComponentArgumentError(name, f"must be >= 0, got {value}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+            raise ComponentArgumentError("dropout", f"must be in [0, 1), got {dropout}")
         self.orthogonality_weight, self.variance_weight = orthogonality_weight, variance_weight
         self.factor = nn.Embedding(vocab_size, factor_dim)
         self.mu_proj = nn.Linear(factor_dim, MU_DIM, bias=False)
@@ -128,12 +127,12 @@ class SemanticStateEmbedding(nn.Module):
         built against MU of all positions so far (and kept in ctx.decode.graph for provenance)."""
         if ctx.decode is None:
             x, mu = self.embed(tokens)
-            ctx.cache["semantic_graph"] = build_graph(mu.detach(), self.graph)
+            ctx.semantic_graph = build_graph(mu.detach(), self.graph)
             return x
         cache = ctx.decode.cache(self, lambda: SemanticCache(ctx.decode.capacity))
         x, mu = self.embed(tokens, cache)
         graph = build_graph(cache.extend(mu.detach()), self.graph, start=ctx.decode.start)
-        ctx.cache["semantic_graph"] = ctx.decode.graph = graph
+        ctx.semantic_graph = ctx.decode.graph = graph
         return x
 
     def embed(self, tokens: Tensor, cache: SemanticCache | None = None) -> tuple[Tensor, Tensor]:
@@ -147,3 +146,9 @@ class SemanticStateEmbedding(nn.Module):
         self.aux_loss = sum((weight * term for weight, term in terms if weight), mu.new_zeros(()))
         self.stats = {"orthogonality": orthogonality.detach(), "variance": variance.detach()}
         return x, mu
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        return {} if self.aux_loss is None else {"state_aux_loss": self.aux_loss}
+
+    def aux_metrics(self) -> dict[str, Tensor]:
+        return {f"state_{name}": value for name, value in self.stats.items()}

@@ -3,7 +3,7 @@
 Each computes the masks.py pattern for q [B, H, T, D] against k, v [B, Hkv, T, D] (Hkv dividing H), plus the
 structural bias when `table` [H, buckets] is given (ctx.structure then holds the spans), with attention
 dropout `dropout_p` (0 outside training) where `supports_dropout`. They keep what several layers of one
-forward pass can share (block masks, bucket tables) in ctx.cache.
+forward pass can share in ctx.flex_block_masks and ctx.structure_buckets.
 """
 
 import torch.nn.functional as F
@@ -69,19 +69,20 @@ class FlexBackend(AttentionBackend):
     def __call__(self, q, k, v, ctx, table, dropout_p):
         if dropout_p:
             raise ValueError(f"dropout: FlexAttention has no attention dropout, got {dropout_p}")
-        key = ("block_mask", self.window, self.global_stride)
-        if key not in ctx.cache:
-            ctx.cache[key] = block_mask(q.shape[2], self.window, self.global_stride, ctx.doc_ids, q.device)
+        key = (self.window, self.global_stride)
+        if key not in ctx.flex_block_masks:
+            ctx.flex_block_masks[key] = block_mask(q.shape[2], self.window, self.global_stride, ctx.doc_ids, q.device)
+        mask = ctx.flex_block_masks[key]
         if table is not None:
             n = table.shape[1]
-            buckets_key = ("structure_buckets", n, self.window, self.global_stride)
-            if buckets_key not in ctx.cache:
-                ctx.cache[buckets_key] = structure_buckets(ctx.structure, n, self.window, self.global_stride)
-            buckets = ctx.cache[buckets_key]
-            return flex_with_structure_bias(q, k, v, ctx.cache[key], table, buckets, ctx.doc_ids, self.window, self.global_stride)
+            buckets_key = (n, self.window, self.global_stride)
+            if buckets_key not in ctx.structure_buckets:
+                ctx.structure_buckets[buckets_key] = structure_buckets(ctx.structure, n, self.window, self.global_stride)
+            buckets = ctx.structure_buckets[buckets_key]
+            return flex_with_structure_bias(q, k, v, mask, table, buckets, ctx.doc_ids, self.window, self.global_stride)
         if self.global_stride is not None:
             k, v = with_global_keys(k, self.global_stride), with_global_keys(v, self.global_stride)
-        return flex(q, k, v, ctx.cache[key])
+        return flex(q, k, v, mask)
 
 
 class AutoBackend(AttentionBackend):

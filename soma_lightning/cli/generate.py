@@ -1,0 +1,119 @@
+"""`soma-lightning generate`: continue a prompt with a trained model."""
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.checkpoints import load_module, resolve_checkpoint
+from soma_lightning.data_modules.contract import EOS
+from soma_lightning.data_modules.modalities import TokenSpace
+from soma_lightning.data_modules.modalities import prompt as modality_prompt
+from soma_lightning.errors import UserError
+from soma_lightning.generation import generate as generate_tokens
+from soma_lightning.generation import write_trace
+from soma_lightning.generation.constraints import AllowedTokens, DeniedTokens, FactVocabulary, LogitsProcessor, RegexConstraint, RepetitionPenalty
+from soma_lightning.v1 import check_device
+
+
+def constraints(
+    allowed_bytes: str | None, denied_bytes: str | None, facts: str | None, regex: str | None, repetition_penalty: float | None
+) -> list[LogitsProcessor]:
+    """The logits processors the generate flags ask for, in the order they apply."""
+    processors: list[LogitsProcessor] = []
+    if allowed_bytes is not None:
+        processors.append(AllowedTokens(list(allowed_bytes.encode()) + [EOS]))
+    if denied_bytes is not None:
+        processors.append(DeniedTokens(list(denied_bytes.encode())))
+    if facts is not None:
+        path = Path(facts)
+        if not path.is_file():
+            raise UserError(f"--facts: {facts!r} is not a file")
+        processors.append(FactVocabulary([line for line in path.read_text().splitlines() if line.strip()]))
+    if regex is not None:
+        processors.append(RegexConstraint(regex))
+    if repetition_penalty is not None:
+        processors.append(RepetitionPenalty(repetition_penalty))
+    return processors
+
+
+def generate(
+    ckpt: str,
+    prompt: str,
+    which: Literal["best", "last"] = "last",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    allowed_bytes: str | None = None,
+    denied_bytes: str | None = None,
+    facts: str | None = None,
+    regex: str | None = None,
+    repetition_penalty: float | None = None,
+    trace: str | None = None,
+    speculative: bool = False,
+    no_cache: bool = False,
+    cuda_graph: bool | None = None,
+    modality: Literal["text", "image", "audio"] = "text",
+    tokens_out: str | None = None,
+    device: str = "cpu",
+) -> None:
+    """Continue a prompt (its UTF-8 bytes) with a trained model; prints the generated text, and a summary line
+    on stderr.
+
+    Args:
+        ckpt: a .ckpt file, or a run directory (runs/NAME/version_N)
+        prompt: the text to continue
+        which: which checkpoint of a run directory
+        max_new_tokens: tokens to generate at most
+        temperature: 0: greedy
+        top_k: sample among the k most likely tokens
+        top_p: sample among the most likely tokens holding this probability
+        seed: sampling seed
+        allowed_bytes: only these bytes (and EOS) may be emitted
+        denied_bytes: these bytes may not be emitted
+        facts: a file of fact strings (one per line): words must come from them or the function words
+        regex: the generated text must match this pattern (see soma_lightning/generation/regex.py for the subset)
+        repetition_penalty: divide the logits of tokens already in the sequence by this
+        trace: write one JSON line per emitted token: probability, constraint decisions, provenance
+        speculative: draft with the model's MTP heads, verify with the main head (greedy)
+        no_cache: recompute the whole sequence for every token (the reference)
+        cuda_graph: replay the cached one-token step as a CUDA graph; default: on CUDA for models that
+            support it
+        modality: image/audio: ask a model trained on a multimodal corpus for an image or clip of the prompt
+            (a label or transcript)
+        tokens_out: also write the prompt and generated ids as .npy (for `soma-lightning decode --tokens`)
+        device: cpu, cuda or cuda:N
+    """
+    check_device(device)
+    processors = constraints(allowed_bytes, denied_bytes, facts, regex, repetition_penalty)
+    module = load_module(resolve_checkpoint(ckpt, which))
+    ranges = module.arch.vocab_ranges
+    if modality == "text":
+        ids = list(prompt.encode())
+    elif ranges is None:
+        raise UserError(f"--modality: {modality} needs a model with a token space (model.arch.vocab_ranges); {ckpt} has none")
+    else:
+        ids = modality_prompt(TokenSpace(ranges), prompt, modality).tolist()
+    result = generate_tokens(
+        module.model.to(device), ids, max_new_tokens, temperature, top_k, top_p, seed, processors,
+        use_cache=not no_cache, trace=trace is not None, speculative=speculative, cuda_graph=cuda_graph, vocab_ranges=ranges,
+    )
+    if trace is not None:
+        write_trace(trace, result.trace)
+    if tokens_out is not None:
+        everything = np.array(ids + result.tokens[0], dtype=np.int64)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, everything)
+
+        atomic_write(Path(tokens_out), write)
+    print(result.texts[0])
+    summary = f"soma-lightning: {len(result.tokens[0])} tokens, stop: {result.stop_reasons[0]}, {result.forward_passes} forward passes"
+    if speculative:
+        summary += f", {result.accepted}/{result.drafted} drafts accepted"
+    print(summary, file=sys.stderr)
