@@ -17,6 +17,7 @@ import torch
 
 import soma_lightning
 from soma_lightning.checkpoint_io import atomic_write
+from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.measure import count_parameters, train_flops_per_token
 
 RUN_INFO_FILE = "run_info.json"
@@ -62,8 +63,9 @@ class RunInfo(L.Callback):
     """At the first training batch, on global rank zero, writes `<log_dir>/run_info.json` atomically: the spec
     hash, the git commit of the soma_lightning source (and whether it had uncommitted changes), package
     versions, hardware, world size and precision, parameter and FLOP counts, and the tokens per optimizer step
-    (batch tokens x world size x gradient accumulation), which `soma-lightning report` needs for its token axis.
-    `soma-lightning fit` adds it to every run."""
+    (batch tokens x world size x gradient accumulation), which `soma-lightning report` needs for its token axis,
+    and the SHA-256 of each prepared corpus's manifest by path (`corpus_manifest_sha256`; absent for plain
+    files). `soma-lightning fit` adds it to every run."""
 
     def __init__(self) -> None:
         self.written: Path | None = None
@@ -103,4 +105,6 @@ class RunInfo(L.Callback):
             "train_flops_per_token": train_flops_per_token(pl_module.model, tokens.shape[1]),
             "tokens_per_step": tokens.numel() * trainer.world_size * trainer.accumulate_grad_batches,
         }
+        if isinstance(trainer.datamodule, ByteCorpus) and (corpora := trainer.datamodule.fingerprints()):
+            info["corpus_manifest_sha256"] = corpora
         atomic_write(self.written, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))

@@ -3,24 +3,23 @@
 import glob
 import itertools
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset
 
 from soma_lightning.data_modules.contract import EOS, PAD, tokenize
 from soma_lightning.data_modules.structure import batch_structure
-from soma_lightning.errors import UserError
+from soma_lightning.data_modules.token_shards import TokenShards, open_prepared
+from soma_lightning.errors import DataError
 
 EMBEDDED = "tinyshakespeare"
-
-
-class DataError(UserError):
-    pass
+Stream = Union[np.ndarray, TokenShards]  # a 1-D token array (in memory or memory-mapped), or a prepared corpus's reader
 
 
 def require_positive(**values: int) -> None:
@@ -129,11 +128,11 @@ class RandomWindows(IterableDataset):
     world_size * batch_size windows drawn with numpy's generator seeded with [seed, b] (with several streams,
     first each window's stream, by `weights`, then its offset); this rank takes its slice. Each row is laid
     out as the contract lays out a full chunk: targets shifted left with PAD appended, positions the offsets
-    in the window's stream. Iteration starts at `start_batch` (the data position). Streams may be memory-mapped:
-    only the windows are read."""
+    in the window's stream. Iteration starts at `start_batch` (the data position). Only the windows are read,
+    so memory-mapped streams stay on disk."""
 
     def __init__(
-        self, streams: list[np.ndarray], seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+        self, streams: list[Stream], seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
         annotations: tuple[str, ...] = (), weights: list[float] | None = None,
     ) -> None:
         self.streams, self.lengths = streams, np.array([len(s) for s in streams])
@@ -165,33 +164,46 @@ class RandomWindows(IterableDataset):
 
 
 class ContractChunks(torch.utils.data.Dataset):
-    """A token stream cut into the contract's rows (tokenize), one row per item."""
+    """A token stream cut into the contract's rows (tokenize); item i reads tokens [i * seq_len, (i + 1) * seq_len)."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, annotations: tuple[str, ...] = ()) -> None:
-        self.rows = annotate(tokenize(torch.from_numpy(stream.astype(np.int64)), seq_len), annotations)
+    def __init__(self, stream: Stream, seq_len: int, annotations: tuple[str, ...] = ()) -> None:
+        self.stream, self.seq_len, self.annotations = stream, seq_len, annotations
 
     def __len__(self) -> int:
-        return len(self.rows["tokens"])
+        return -(-len(self.stream) // self.seq_len)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.rows.items()}
+        start = i * self.seq_len
+        row = tokenize(torch.from_numpy(np.asarray(self.stream[start : start + self.seq_len], dtype=np.int64)), self.seq_len)
+        row["positions"] += start
+        return {k: v[0] for k, v in annotate(row, self.annotations).items()}
+
+
+@dataclass
+class Corpus:
+    """One corpus of a mixture (a prepared directory, or any source) and its share of the training windows."""
+
+    path: str
+    weight: float = 1.0
 
 
 class ByteCorpus(L.LightningDataModule):
-    """Bytes from a file, a directory, a glob, or a local HF dataset (`hf_format` text/json/parquet with a
-    `text_column`); by default the tiny-Shakespeare text shipped in the package.
+    """Bytes from a file, a directory, a glob, a local HF dataset (`hf_format` text/json/parquet with a
+    `text_column`) or a corpus prepared by `soma-lightning prepare` (memory-mapped, not read into memory), or
+    a weighted mixture of corpora; by default the tiny-Shakespeare text shipped in the package.
 
-    Train/val: separate sources (`val_source`), or the last `val_fraction` of the source's token stream (the
-    split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`; validation and test cut
-    their stream into the V1 contract's non-overlapping chunks of `val_seq_len`, batches of `val_batch_size`.
+    Train/val: separate sources (`val_source`), or the last `val_fraction` of each corpus's token stream (the
+    split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`, each corpus's share by
+    weight; validation and test cut their streams into the V1 contract's non-overlapping chunks.
 
     Args:
-        source: a file, a directory, a glob or a local HF dataset; null: the shipped tiny Shakespeare.
-        val_source: the validation text; null: the last val_fraction of source.
+        source: a file, a directory, a glob, a local HF dataset or a prepared directory; null: tiny Shakespeare.
+        val_source: the validation text (a prepared directory too); null: the last val_fraction of source.
         test_source: the test text, for `soma-lightning test`.
         val_fraction: the share of source's stream held out for validation when val_source is null.
         hf_format: read source as an HF dataset of this format (text, json, parquet).
         text_column: the column holding the text in an HF dataset.
+        mixture: instead of source, a list of corpora {path, weight} (weights are normalised).
         seq_len: training window length, in tokens.
         batch_size: training windows per batch (per device).
         val_seq_len: validation and test chunk length, in tokens.
@@ -202,6 +214,7 @@ class ByteCorpus(L.LightningDataModule):
             attention stays inside a document.
         structure: batches also carry each position's enclosing spans (data_modules/structure.py), for the
             structural attention bias.
+        verify_checksums: compare each prepared shard's SHA-256 with its manifest in setup (reads everything).
     """
 
     def __init__(
@@ -212,6 +225,7 @@ class ByteCorpus(L.LightningDataModule):
         val_fraction: float = 0.1,
         hf_format: Literal["text", "json", "parquet"] | None = None,
         text_column: str = "text",
+        mixture: list[Corpus] | None = None,
         seq_len: int = 1024,
         batch_size: int = 16,
         val_seq_len: int = 1024,
@@ -220,59 +234,107 @@ class ByteCorpus(L.LightningDataModule):
         num_workers: int = 0,
         doc_ids: bool = False,
         structure: bool = False,
+        verify_checksums: bool = False,
     ) -> None:
         super().__init__()
         require_positive(seq_len=seq_len, batch_size=batch_size, val_seq_len=val_seq_len, val_batch_size=val_batch_size)
         require_num_workers(num_workers)
         if val_source is None and not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction: must be in (0, 1) when no val_source is given, got {val_fraction}")
-        for key, value in (("source", source), ("val_source", val_source), ("test_source", test_source)):
+        if mixture is not None and (source is not None or not mixture):
+            raise DataError("data.mixture: a list of one or more corpora, given instead of data.source")
+        self.corpora = [Corpus(**c) if isinstance(c, dict) else c for c in mixture] if mixture else [Corpus(source)] if source else []
+        self.keys = [f"data.mixture[{i}]" if mixture else "data.source" for i in range(len(self.corpora))]
+        for key, corpus in zip(self.keys, self.corpora):
+            if corpus.weight <= 0:
+                raise DataError(f"{key}.weight: must be positive, got {corpus.weight}")
+            source_files(corpus.path, key)
+        for key, value in (("val_source", val_source), ("test_source", test_source)):
             if value is not None:
                 source_files(value, f"data.{key}")
-        self.source, self.val_source, self.test_source = source, val_source, test_source
+        self.val_source, self.test_source = val_source, test_source
         self.val_fraction, self.hf_format, self.text_column = val_fraction, hf_format, text_column
-        self.seq_len, self.batch_size = seq_len, batch_size
-        self.val_seq_len, self.val_batch_size = val_seq_len, val_batch_size
-        self.seed, self.num_workers = seed, num_workers
+        self.seq_len, self.batch_size, self.val_seq_len, self.val_batch_size = seq_len, batch_size, val_seq_len, val_batch_size
+        self.seed, self.num_workers, self.verify_checksums = seed, num_workers, verify_checksums
         self.annotations = tuple(name for name, on in (("doc_ids", doc_ids), ("structure", structure)) if on)
-        self.train_stream: np.ndarray | None = None
+        self.train_streams: list[Stream] | None = None
+        self.prepared: dict[str, TokenShards] = {}  # absolute path -> reader, for every prepared corpus read
 
-    def _read(self, source: str, key: str) -> np.ndarray:
-        return read_stream(source, key, self.hf_format, self.text_column)
+    def _open(self, path: str, key: str) -> Stream:
+        """A prepared directory's memory-mapped stream; any other source read into memory."""
+        if (shards := open_prepared(path, key)) is None:
+            return read_stream(path, key, self.hf_format, self.text_column)
+        if shards.manifest.tokenizer != "bytes" or shards.eos != EOS:
+            raise DataError(f"{key}: {path} holds tokens of tokenizer {shards.manifest.tokenizer} with EOS {shards.eos}; ByteCorpus reads bytes with EOS {EOS} (prepare with the bytes tokenizer)")
+        if self.verify_checksums:
+            shards.verify()
+        self.prepared[str(Path(path).resolve())] = shards
+        return shards
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_stream is not None:
+        if self.train_streams is not None:
             return
-        if self.source is None:
+        if not self.corpora:
             with resources.as_file(resources.files("soma_lightning") / "corpora" / f"{EMBEDDED}.txt") as path:
-                stream = read_stream(str(path), "data.source")
+                streams = [read_stream(str(path), "data.source")]
         else:
-            stream = self._read(self.source, "data.source")
+            streams = [self._open(c.path, key) for key, c in zip(self.keys, self.corpora)]
         if self.val_source is not None:
-            self.train_stream, self.val_stream = stream, self._read(self.val_source, "data.val_source")
+            self.train_streams, self.val_streams = streams, [self._open(self.val_source, "data.val_source")]
         else:
-            cut = int(len(stream) * (1 - self.val_fraction))
-            self.train_stream, self.val_stream = stream[:cut], stream[cut:]  # val is never empty: cut < len
-        self.test_stream = self._read(self.test_source, "data.test_source") if self.test_source else None
-        if len(self.train_stream) < self.seq_len:
-            raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, fewer than seq_len {self.seq_len}")
+            cuts = [int(len(s) * (1 - self.val_fraction)) for s in streams]  # val is never empty: cut < len
+            self.train_streams, self.val_streams = [s[:c] for s, c in zip(streams, cuts)], [s[c:] for s, c in zip(streams, cuts)]
+        self.test_stream = self._open(self.test_source, "data.test_source") if self.test_source else None
+        for i, stream in enumerate(self.train_streams):
+            if len(stream) < self.seq_len:
+                of = f" of {self.corpora[i].path}" if len(self.train_streams) > 1 else ""
+                raise DataError(f"data.seq_len: the train split{of} has {len(stream)} tokens, fewer than seq_len {self.seq_len}")
+
+    @property
+    def train_stream(self) -> Stream:
+        """The training stream of a one-corpus source."""
+        (stream,) = self.train_streams
+        return stream
+
+    @property
+    def val_stream(self) -> Stream:
+        """The validation stream of a one-corpus source (or of val_source)."""
+        (stream,) = self.val_streams
+        return stream
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each prepared corpus read (absolute path) and the SHA-256 of its manifest; none for plain files."""
+        return {path: reader.manifest_hash for path, reader in self.prepared.items()}
+
+    def state_dict(self) -> dict:
+        """Checkpoints record the prepared corpora they were trained on (nothing for plain files)."""
+        return {"manifest_sha256": fingerprints} if (fingerprints := self.fingerprints()) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuses to resume a fit on a prepared corpus changed since the checkpoint; evaluation reads it as it is now."""
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        for path, then in state.get("manifest_sha256", {}).items():
+            if fitting and path in self.prepared and (now := self.prepared[path].manifest_hash) != then:
+                raise DataError(f"{self.prepared[path].key}: {path} changed since the checkpoint (manifest SHA-256 {then[:12]} then, {now[:12]} now); resume on the corpus the run trained on, or start a new run")
 
     def train_dataloader(self) -> DataLoader:
         """Starts at the data position: after resuming at step N, the batch an uninterrupted run would draw next."""
-        windows = RandomWindows([self.train_stream], self.seq_len, self.batch_size, self.seed, *data_position(self.trainer), self.annotations)
+        weights = [c.weight for c in self.corpora] or None
+        windows = RandomWindows(self.train_streams, self.seq_len, self.batch_size, self.seed, *data_position(self.trainer), self.annotations, weights)
         return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
-    def _chunks(self, stream: np.ndarray) -> DataLoader:
-        return DataLoader(ContractChunks(stream, self.val_seq_len, self.annotations), batch_size=self.val_batch_size, num_workers=self.num_workers)
+    def _chunks(self, streams: list[Stream]) -> DataLoader:
+        chunks = ConcatDataset([ContractChunks(s, self.val_seq_len, self.annotations) for s in streams])
+        return DataLoader(chunks, batch_size=self.val_batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._chunks(self.val_stream)
+        return self._chunks(self.val_streams)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_stream is None:
             raise DataError("data.test_source: `test` evaluates a held-out test text, and none is set; set data.init_args.test_source, or run `validate`")
-        return self._chunks(self.test_stream)
+        return self._chunks([self.test_stream])
 
     def predict_dataloader(self) -> DataLoader:
         """The test text's rows, else the validation split's."""
-        return self._chunks(self.test_stream if self.test_stream is not None else self.val_stream)
+        return self._chunks([self.test_stream] if self.test_stream is not None else self.val_streams)

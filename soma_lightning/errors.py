@@ -11,3 +11,7 @@ class TrainingStopped(UserError):
 
 class SpecError(UserError, ValueError):
     """A spec mistake; the message starts with the YAML key path."""
+
+
+class DataError(UserError):
+    """A mistake in the data a spec names (a source, a prepared corpus); the message starts with the data.* key."""

@@ -69,3 +69,9 @@ def test_a_fit_prints_no_warning_a_user_cannot_act_on(tmp_path):
         # Lightning prints its warnings as "path.py:LINE: message", without the category
         assert not [line for line in output.splitlines() if re.search(r"\.py:\d+: |Warning|💡", line)], output
     assert sorted(p.name for p in (tmp_path / "runs" / "q").iterdir()) == ["version_0"]
+
+
+def test_checkpointing_can_be_switched_off(tmp_path):
+    config = str(run_config(tmp_path, "q", 2))
+    main(["fit", "--config", config, "--trainer.enable_checkpointing", "false"])
+    assert not (tmp_path / "runs" / "q" / "version_0" / "checkpoints").exists()

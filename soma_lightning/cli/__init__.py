@@ -48,7 +48,7 @@ def run_command(name: str, args: list[str]) -> None:
     command = COMMANDS[name]
     parser = jsonargparse.ArgumentParser(prog=f"soma-lightning {name}", description=_summary(command), exit_on_error=False)
     parser.add_function_arguments(command, as_positional=name in POSITIONAL)
-    flags = parser.parse_args(_spelled(args, command))
+    flags = parser.instantiate(parser.parse_args(_spelled(args, command)))  # dataclass flags: prepare's --data.*
     command(**{key: flags[key] for key in signature_of.signature(command).parameters})
 
 

@@ -208,6 +208,13 @@ class SomaCLI(LightningCLI):
         print(f"soma-lightning: resuming run {resumed}", file=sys.stderr)
         return trainer
 
+    def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
+        # `--trainer.enable_checkpointing false` turns off the `checkpoint` callback this CLI always adds, which
+        # Lightning would otherwise refuse as a contradiction.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         root = Path(getattr(self.trainer.logger, "root_dir", None) or self.trainer.default_root_dir)
         for partial in root.glob("*/checkpoints/*.ckpt.tmp"):
