@@ -100,3 +100,26 @@ class StopAtStep(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             trainer.should_stop = True
+
+
+def one_error_line(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """The one stderr line of a `soma-lightning` command that must exit with code 2."""
+    from soma_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(list(args))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("soma-lightning: error: ")
+    return lines[0]
+
+
+def fresh_checkpoint(path: Path, arch: dict | None = None) -> Path:
+    """A Lightning checkpoint of a fresh SomaLM of `arch` (default: tiny V1)."""
+    from soma_lightning.lm import SomaLM
+    from soma_lightning.spec import spec_from_dict
+
+    module = SomaLM(spec_from_dict(arch or tiny_v1_arch()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}, path)
+    return path

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from safetensors import SafetensorError
@@ -19,17 +18,7 @@ from soma_lightning.cli import main
 from soma_lightning.lm import SomaLM
 from soma_lightning.spec import build_model, spec_from_dict
 from soma_lightning.v1 import canonical_shapes, dims_of, save_canonical, v1_spec
-from conftest import tiny_v1_arch
-
-
-def _fails(capsys: pytest.CaptureFixture, *args: str) -> str:
-    """The one stderr line of a command that must exit with code 2."""
-    with pytest.raises(SystemExit) as exit:
-        main(list(args))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("soma-lightning: error: ")
-    return lines[0]
+from conftest import fresh_checkpoint, one_error_line, tiny_v1_arch
 
 
 @pytest.fixture
@@ -47,14 +36,6 @@ def data(tmp_path: Path) -> Path:
     return path
 
 
-def _ckpt(path: Path, arch: dict | None = None) -> Path:
-    """A Lightning checkpoint of a fresh tiny SomaLM (V1-shaped by default)."""
-    module = SomaLM(spec_from_dict(arch or tiny_v1_arch()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}, path)
-    return path
-
-
 def _never(*args, **kwargs):
     raise AssertionError("expensive work started before the arguments were checked")
 
@@ -62,7 +43,7 @@ def _never(*args, **kwargs):
 @pytest.mark.parametrize("batch_size", ["0", "-2"])
 def test_score_batch_size_must_be_positive(capsys, monkeypatch, weights, data, batch_size):
     monkeypatch.setattr(score_command, "model_from_canonical", _never)
-    line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--batch-size", batch_size)
+    line = one_error_line(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--batch-size", batch_size)
     assert f"--batch_size: expected a positive number of sequences per batch, got {batch_size}" in line
 
 
@@ -75,16 +56,16 @@ def test_device_that_is_not_there_is_refused_before_loading(capsys, monkeypatch,
     if command == "score":
         args = ["score", "--weights", str(weights), "--data", str(data), "--num-heads", "4"]
     else:
-        args = ["generate", "--ckpt", str(_ckpt(tmp_path / "m.ckpt")), "--prompt", "hi"]
-    line = _fails(capsys, *args, "--device", device)
+        args = ["generate", "--ckpt", str(fresh_checkpoint(tmp_path / "m.ckpt")), "--prompt", "hi"]
+    line = one_error_line(capsys, *args, "--device", device)
     assert line.startswith("soma-lightning: error: --device: ") and message in line
 
 
 def test_score_embedding_out_in_a_missing_folder_is_refused_before_scoring(capsys, monkeypatch, tmp_path, weights, data):
     monkeypatch.setattr(score_command, "model_from_canonical", _never)
-    line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--embedding-out", str(tmp_path / "missing" / "e.npy"))
+    line = one_error_line(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--embedding-out", str(tmp_path / "missing" / "e.npy"))
     assert line.endswith(f"--embedding_out: the folder {tmp_path / 'missing'} does not exist; create it first")
-    line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--embedding-out", str(tmp_path))
+    line = one_error_line(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--embedding-out", str(tmp_path))
     assert f"--embedding_out: {tmp_path} is a directory" in line
 
 
@@ -99,13 +80,13 @@ def test_weights_not_of_the_registered_v1_size_warn_and_strict_v1_refuses(capsys
         f"soma-lightning: warning: {weights} is d_model 16, 2 layers, 4 heads, hidden 32, vocab 264, not the registered V1 size "
         f"({registered}) that the network's scorer loads; scoring it anyway (--strict_v1 refuses)"
     )
-    line = _fails(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--strict-v1")
+    line = one_error_line(capsys, "score", "--weights", str(weights), "--data", str(data), "--num-heads", "4", "--strict-v1")
     assert line.startswith(f"soma-lightning: error: --strict_v1: {weights} is d_model 16, 2 layers") and registered in line
-    ckpt = _ckpt(tmp_path / "m.ckpt")
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m.safetensors"), "--strict-v1")
+    ckpt = fresh_checkpoint(tmp_path / "m.ckpt")
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m.safetensors"), "--strict-v1")
     assert line.startswith(f"soma-lightning: error: --strict_v1: {ckpt} is d_model 16, 2 layers") and registered in line
     assert not (tmp_path / "m.safetensors").exists()
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m.safetensors"), "--strict-v1", "--layout", "state_dict")
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "m.safetensors"), "--strict-v1", "--layout", "state_dict")
     assert "--strict_v1: checks the canonical V1 layout, but --layout is state_dict" in line
 
 
@@ -122,10 +103,10 @@ def test_the_registered_v1_size_passes_the_shape_check():
 
 
 def test_export_out_that_is_a_directory_is_refused(capsys, monkeypatch, tmp_path):
-    ckpt = _ckpt(tmp_path / "m.ckpt")
+    ckpt = fresh_checkpoint(tmp_path / "m.ckpt")
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(export_command, "load_module", _never)
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
     assert line.endswith(f"--out: {tmp_path / 'out'} is a directory; expected the path of the .safetensors file to write")
 
 
@@ -133,7 +114,7 @@ def test_export_refuses_to_overwrite_the_checkpoint_it_reads(capsys, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     run = tmp_path / "runs" / "q" / "version_0"
-    last, best = _ckpt(run / "checkpoints" / "last.ckpt"), _ckpt(run / "checkpoints" / "best-step=1.ckpt")
+    last, best = fresh_checkpoint(run / "checkpoints" / "last.ckpt"), fresh_checkpoint(run / "checkpoints" / "best-step=1.ckpt")
     (tmp_path / "link.ckpt").symlink_to(last)
     module = SomaLM(spec_from_dict(tiny_v1_arch()))
     sharded = tmp_path / "sharded.ckpt"
@@ -150,7 +131,7 @@ def test_export_refuses_to_overwrite_the_checkpoint_it_reads(capsys, tmp_path):
         (sharded, "best", sharded / "meta.pt", sharded),
         (sharded, "best", sharded / "new.safetensors", sharded),
     ]:
-        line = _fails(capsys, "export", "--ckpt", str(ckpt), "--which", which, "--out", str(out))
+        line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--which", which, "--out", str(out))
         assert line.startswith(f"soma-lightning: error: --out: {out} is ") and str(protected) in line and "would destroy it" in line, line
     assert {p: p.read_bytes() for p in before} == before and not (sharded / "new.safetensors").exists()
     main(["export", "--ckpt", str(run), "--out", str(run / "model.safetensors")])  # beside the checkpoints is fine
@@ -168,7 +149,7 @@ def test_export_refuses_to_overwrite_the_checkpoint_it_reads(capsys, tmp_path):
 )
 @pytest.mark.parametrize("layout", ["canonical", "state_dict"])
 def test_export_write_error_is_one_line_and_keeps_the_previous_file(capsys, monkeypatch, tmp_path, error, message, layout):
-    ckpt, out = _ckpt(tmp_path / "m.ckpt"), tmp_path / "m.safetensors"
+    ckpt, out = fresh_checkpoint(tmp_path / "m.ckpt"), tmp_path / "m.safetensors"
     out.write_bytes(b"previous export")
 
     def fail(tensors: dict, filename: str, metadata: dict | None = None) -> None:
@@ -177,17 +158,17 @@ def test_export_write_error_is_one_line_and_keeps_the_previous_file(capsys, monk
 
     monkeypatch.setattr(v1, "save_file", fail)
     monkeypatch.setattr(safetensors_export, "save_file", fail)
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", layout)
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", layout)
     assert line == f"soma-lightning: error: --out: cannot write {out}: {message}; the previous file is unchanged"
     assert out.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt", "m.safetensors"]
     out.unlink()
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", layout)
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", layout)
     assert line.endswith(f"cannot write {out}: {message}; nothing was written") and not out.exists()
 
 
 def test_exports_honour_the_umask(capsys, tmp_path):
     """Like torch.save's checkpoints, not the 0600 of safetensors' private temp file."""
-    ckpt = _ckpt(tmp_path / "m.ckpt")
+    ckpt = fresh_checkpoint(tmp_path / "m.ckpt")
     previous = os.umask(0o022)
     try:
         for umask, mode in ((0o022, 0o644), (0o027, 0o640)):

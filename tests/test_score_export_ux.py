@@ -23,25 +23,7 @@ from soma_lightning.onchain import V1_SEQ_LEN, describe_scoring, score
 from soma_lightning.v1 import (
     NUM_HEADS_KEY, V1_NUM_HEADS, WeightsError, file_num_heads, file_size, model_from_canonical, resolve_num_heads, save_canonical, v1_spec,
 )
-from conftest import tiny_v1_arch
-
-
-def _ckpt(path: Path, arch: dict) -> Path:
-    """A Lightning checkpoint of a fresh SomaLM of `arch`."""
-    module = SomaLM(spec_from_dict(arch))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}, path)
-    return path
-
-
-def _fails(capsys: pytest.CaptureFixture, *args: str) -> str:
-    """The one stderr line of a command that must exit with code 2."""
-    with pytest.raises(SystemExit) as exit:
-        main(list(args))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("soma-lightning: error: ")
-    return lines[0]
+from conftest import fresh_checkpoint, one_error_line, tiny_v1_arch
 
 
 def _sosm_arch() -> dict:
@@ -59,7 +41,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_canonical_export_records_its_head_count_and_spec_and_keeps_the_tensors(capsys, tmp_path):
-    ckpt = _ckpt(tmp_path / "m.ckpt", tiny_v1_arch(num_heads=4))
+    ckpt = fresh_checkpoint(tmp_path / "m.ckpt", tiny_v1_arch(num_heads=4))
     out = tmp_path / "m.safetensors"
     main(["export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical"])
     assert json.loads(capsys.readouterr().out)["layout"] == "canonical"
@@ -96,15 +78,15 @@ def test_head_count_comes_from_the_metadata_and_a_contradiction_is_refused(tmp_p
 
 
 def test_score_refuses_num_heads_that_contradict_an_export(capsys, tmp_path, data):
-    ckpt, out = _ckpt(tmp_path / "m.ckpt", tiny_v1_arch(num_heads=4)), tmp_path / "m.safetensors"
+    ckpt, out = fresh_checkpoint(tmp_path / "m.ckpt", tiny_v1_arch(num_heads=4)), tmp_path / "m.safetensors"
     main(["export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical"])
     capsys.readouterr()
-    line = _fails(capsys, "score", "--weights", str(out), "--data", str(data), "--num_heads", "2")
+    line = one_error_line(capsys, "score", "--weights", str(out), "--data", str(data), "--num_heads", "2")
     assert line == f"soma-lightning: error: --num_heads 2 contradicts {out}, whose metadata records 4 heads; drop --num_heads or pass 4"
 
 
 def test_score_of_a_4_head_export_uses_4_heads_without_num_heads(capsys, tmp_path, data):
-    ckpt, out = _ckpt(tmp_path / "m.ckpt", tiny_v1_arch(num_heads=4)), tmp_path / "m.safetensors"
+    ckpt, out = fresh_checkpoint(tmp_path / "m.ckpt", tiny_v1_arch(num_heads=4)), tmp_path / "m.safetensors"
     main(["export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical"])
     capsys.readouterr()
     main(["score", "--weights", str(out), "--data", str(data)])
@@ -154,15 +136,15 @@ def test_callback_exports_get_the_mode_checkpoints_get(tmp_path):
 
 
 def test_canonical_export_of_a_sosm_model_names_what_is_missing(capsys, tmp_path):
-    ckpt, out = _ckpt(tmp_path / "sosm.ckpt", _sosm_arch()), tmp_path / "sosm.safetensors"
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical")
+    ckpt, out = fresh_checkpoint(tmp_path / "sosm.ckpt", _sosm_arch()), tmp_path / "sosm.safetensors"
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical")
     assert line == (
         "soma-lightning: error: --layout canonical: the model has a semantic_state token embedding; the canonical V1 layout "
         "holds only a plain token table, pre-norm LayerNorm layers of multi-head attention (mha) and a GELU MLP (gelu_mlp), "
         "a final LayerNorm and a biased predictor; use --layout state_dict"
     )
     assert not out.exists()
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--strict_v1")
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--strict_v1")
     assert line.startswith(f"soma-lightning: error: --strict_v1: {ckpt}: the model is not SOMA V1-shaped: the model has a semantic_state token embedding")
     # auto picks the state dict, which rebuilds the model
     main(["export", "--ckpt", str(ckpt), "--out", str(out)])
@@ -185,8 +167,8 @@ def test_canonical_export_of_a_sosm_model_names_what_is_missing(capsys, tmp_path
 def test_other_architectures_are_refused_by_name_and_auto_exports_their_state_dict(capsys, tmp_path, change, problem):
     arch = tiny_v1_arch()
     change(arch)
-    ckpt, out = _ckpt(tmp_path / "m.ckpt", arch), tmp_path / "m.safetensors"
-    line = _fails(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical")
+    ckpt, out = fresh_checkpoint(tmp_path / "m.ckpt", arch), tmp_path / "m.safetensors"
+    line = one_error_line(capsys, "export", "--ckpt", str(ckpt), "--out", str(out), "--layout", "canonical")
     assert line.startswith(f"soma-lightning: error: --layout canonical: {problem}; the canonical V1 layout holds only ") and line.endswith("; use --layout state_dict")
     assert not is_v1(SomaLM(spec_from_dict(arch)).model)
     main(["export", "--ckpt", str(ckpt), "--out", str(out)])
@@ -209,6 +191,6 @@ def test_cuda_device_on_a_cpu_only_torch_is_one_line(capsys, tmp_path, data, com
         save_canonical(build_model(v1_spec(16, 2, 32, num_heads=4)), weights)
         args = ["score", "--weights", str(weights), "--data", str(data)]
     else:
-        args = ["generate", "--ckpt", str(_ckpt(tmp_path / "m.ckpt", tiny_v1_arch())), "--prompt", "hi"]
-    line = _fails(capsys, *args, "--device", device)
+        args = ["generate", "--ckpt", str(fresh_checkpoint(tmp_path / "m.ckpt", tiny_v1_arch())), "--prompt", "hi"]
+    line = one_error_line(capsys, *args, "--device", device)
     assert line == f"soma-lightning: error: --device: {device} asked for, but no CUDA device is available (torch {torch.__version__}); use --device cpu"
