@@ -5,6 +5,8 @@ memory-mapped.
     OUT/shards/NAME.bin        a shard's tokens, documents back to back, raw little-endian `dtype`
     OUT/shards/NAME.docs.npy   int64 [documents + 1]: each document's first token in NAME.bin, then its length
 
+ShardFile writes one shard (prepare's ShardWriter, text_pipeline.py); Manifest.write lists them.
+
 The corpus is the shards in manifest order, each document followed by EOS: EOS is not stored, so raw bytes
 stay uint8 (one byte per byte of text). Token spaces wider than a byte are uint16 or uint32, by vocabulary
 size. Shards are named by the prepare task that wrote them and their number within it (TASK-INDEX).
@@ -97,20 +99,46 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(root: Path, name: str, tokens: np.ndarray, starts: list[int]) -> Shard:
-    """Write one shard atomically: `tokens` (already in the manifest's dtype) and its documents' first
-    tokens `starts`; returns its manifest entry."""
-    shard = Shard(name, int(tokens.size), len(starts), hashlib.sha256(tokens.tobytes()).hexdigest())
-    bin_path, docs_path = shard.paths(root)
+FLUSH_BYTES = 1 << 24  # a shard's documents are written in pieces of about this size
 
-    def write_bin(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(tokens.tobytes())
 
-    def write_docs(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, np.array([*starts, tokens.size], dtype=np.int64))
+class ShardFile:
+    """One shard being written: documents appended to NAME.bin.tmp, renamed into place by close()."""
 
-    atomic_write(bin_path, write_bin)
-    atomic_write(docs_path, write_docs)
-    return shard
+    def __init__(self, root: Path, name: str, itemsize: int) -> None:
+        self.name, self.itemsize = name, itemsize
+        self.bin, self.docs = Shard(name, 0, 0, "").paths(root)
+        self.bin.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.bin.with_name(self.bin.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.pending = bytearray()
+        self.starts: list[int] = []
+        self.nbytes = 0
+
+    def add(self, tokens: bytes) -> None:
+        self.starts.append(self.nbytes // self.itemsize)
+        self.pending += tokens
+        self.nbytes += len(tokens)
+        if len(self.pending) >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.sha.update(self.pending)
+        self.file.write(self.pending)
+        self.pending.clear()
+
+    def close(self) -> Shard:
+        self._flush()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.bin)
+        starts = np.array([*self.starts, self.nbytes // self.itemsize], dtype=np.int64)
+        atomic_write(self.docs, lambda tmp: _save(tmp, starts))
+        return Shard(self.name, self.nbytes // self.itemsize, len(self.starts), self.sha.hexdigest())
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a path's name
+        np.save(f, array)

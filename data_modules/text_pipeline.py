@@ -8,11 +8,9 @@ for raw files, which are never decoded. A record that cannot be read travels as 
 `skipped` reason, so that ShardWriter, which records the task's result, counts it.
 """
 
-import hashlib
 import io
 import itertools
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,11 +23,10 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
 from soma_lightning.checkpoint_io import atomic_write
-from soma_lightning.data_modules.shard_format import Shard
+from soma_lightning.data_modules.shard_format import ShardFile
 
 SKIPPED = "skipped"  # a Document's metadata key: why it was not read
 MISSING = object()
-FLUSH_BYTES = 1 << 24
 # What reading a corrupt or unreadable input raises (pyarrow's errors are OSError or ValueError).
 UNREADABLE = (OSError, EOFError, ValueError, zstandard.ZstdError)
 
@@ -195,48 +192,6 @@ def encoder(tokenizer_file: str | None, dtype: str) -> Callable[[str | bytes], b
         return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=dtype).tobytes()
 
     return encode
-
-
-class ShardFile:
-    """One shard being written: documents appended to NAME.bin.tmp, renamed into place by close()."""
-
-    def __init__(self, root: Path, name: str, itemsize: int) -> None:
-        self.name, self.itemsize = name, itemsize
-        self.bin, self.docs = Shard(name, 0, 0, "").paths(root)
-        self.bin.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.bin.with_name(self.bin.name + ".tmp")
-        self.file = open(self.tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.pending = bytearray()
-        self.starts: list[int] = []
-        self.nbytes = 0
-
-    def add(self, tokens: bytes) -> None:
-        self.starts.append(self.nbytes // self.itemsize)
-        self.pending += tokens
-        self.nbytes += len(tokens)
-        if len(self.pending) >= FLUSH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.sha.update(self.pending)
-        self.file.write(self.pending)
-        self.pending.clear()
-
-    def close(self) -> Shard:
-        self._flush()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.bin)
-        starts = np.array([*self.starts, self.nbytes // self.itemsize], dtype=np.int64)
-        atomic_write(self.docs, lambda tmp: _save(tmp, starts))
-        return Shard(self.name, self.nbytes // self.itemsize, len(self.starts), self.sha.hexdigest())
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a path's name
-        np.save(f, array)
 
 
 def task_result_path(state_dir: str | Path, rank: int) -> Path:

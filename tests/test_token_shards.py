@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from soma_lightning.cli import cli_main
 from soma_lightning.data_modules import EOS, ByteCorpus, tokenize
 from soma_lightning.data_modules.byte_corpus import ContractChunks, Corpus, DataError, RandomWindows
-from soma_lightning.data_modules.shard_format import Manifest, manifest_hash, write_shard
+from soma_lightning.data_modules.shard_format import Manifest, ShardFile, manifest_hash
 from soma_lightning.data_modules import token_shards
 from soma_lightning.data_modules.token_shards import TokenShards
 from conftest import run_config, train_losses
@@ -38,8 +38,10 @@ def _prepare(root: Path, docs: list[np.ndarray], per_shard: list[int], dtype: st
     for i, n in enumerate(per_shard):
         part = docs[first : first + n]
         first += n
-        tokens = np.concatenate([np.zeros(0, dtype), *(d.astype(dtype) for d in part)])
-        shards.append(write_shard(root, f"task0-{i}", tokens, np.cumsum([0] + [len(d) for d in part])[:-1].tolist()))
+        shard = ShardFile(root, f"task0-{i}", np.dtype(dtype).itemsize)
+        for d in part:
+            shard.add(d.astype(dtype).tobytes())
+        shards.append(shard.close())
     assert first == len(docs)
     Manifest(dtype, eos, tokenizer, shards).write(root)
     return root
