@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.measure import count_parameters, train_flops_per_token
 
 RUN_INFO_FILE = "run_info.json"
+TOKENIZER_FILE = "tokenizer.json"  # a copy of the model's tokenizer file, so that the run directory is self-contained
 PACKAGES = ("soma-lightning", "torch", "lightning", "jsonargparse", "numpy", "triton", "flash-linear-attention")
 
 
@@ -65,7 +67,8 @@ class RunInfo(L.Callback):
     versions, hardware, world size and precision, parameter and FLOP counts, and the tokens per optimizer step
     (batch tokens x world size x gradient accumulation), which `soma-lightning report` needs for its token axis,
     and the SHA-256 of each prepared corpus's manifest by path (`corpus_manifest_sha256`; absent for plain
-    files). `soma-lightning fit` adds it to every run."""
+    files). A model of a tokenizer file records its path and SHA-256 (`tokenizer`), and the file is copied to
+    `<log_dir>/tokenizer.json`. `soma-lightning fit` adds it to every run."""
 
     def __init__(self) -> None:
         self.written: Path | None = None
@@ -107,4 +110,8 @@ class RunInfo(L.Callback):
         }
         if isinstance(trainer.datamodule, ByteCorpus) and (corpora := trainer.datamodule.fingerprints()):
             info["corpus_manifest_sha256"] = corpora
+        vocabulary = pl_module.vocabulary
+        if not vocabulary.is_bytes:
+            info["tokenizer"] = {"file": str(Path(vocabulary.tokenizer).resolve()), "sha256": vocabulary.sha256}
+            atomic_write(Path(log_dir) / TOKENIZER_FILE, lambda tmp: shutil.copyfile(vocabulary.tokenizer, tmp))
         atomic_write(self.written, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))

@@ -17,6 +17,7 @@ from soma_lightning.data_modules.contract import EOS, PAD, tokenize
 from soma_lightning.data_modules.structure import batch_structure
 from soma_lightning.data_modules.token_shards import TokenShards, open_prepared
 from soma_lightning.errors import DataError
+from soma_lightning.vocabulary import BYTE_VOCABULARY, BYTES, DEFAULT_EOS_TOKEN, Vocabulary, vocabulary
 
 EMBEDDED = "tinyshakespeare"
 Stream = Union[np.ndarray, TokenShards]  # a 1-D token array (in memory or memory-mapped), or a prepared corpus's reader
@@ -83,9 +84,10 @@ def hf_column(source: str, key: str, hf_format: str, column: str, sample_by: str
     return ds[column]
 
 
-def read_stream(source: str, key: str, hf_format: str | None = None, text_column: str = "text") -> np.ndarray:
-    """All documents of `source` as one uint16 token stream, documents joined by EOS. A document is a file's
-    bytes, or with `hf_format` one row's `text_column` (utf-8) of a local HF `datasets` source."""
+def read_stream(source: str, key: str, hf_format: str | None = None, text_column: str = "text", vocab: Vocabulary = BYTE_VOCABULARY) -> np.ndarray:
+    """All documents of `source` as one token stream. A document is a file's bytes, or with `hf_format` one
+    row's `text_column` (utf-8) of a local HF `datasets` source. Bytes: uint16, documents joined by EOS; a
+    tokenizer's ids: encoded here, as `prepare --tokenizer` stores them (encode_documents)."""
     if hf_format is None:
         docs = [read_file(f, key) for f in source_files(source, key)]
     else:
@@ -93,6 +95,8 @@ def read_stream(source: str, key: str, hf_format: str | None = None, text_column
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"{key}: {source!r} holds no data (every document is empty)")
+    if not vocab.is_bytes:
+        return encode_documents(docs, vocab, key)
     parts = []
     for i, doc in enumerate(docs):
         if i:
@@ -101,18 +105,27 @@ def read_stream(source: str, key: str, hf_format: str | None = None, text_column
     return np.concatenate(parts)
 
 
-def document_ids(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, T] index of the document each position belongs to within its row: it grows after every EOS."""
-    after_eos = (tokens == EOS).long().cumsum(dim=-1)
+def encode_documents(docs: list[bytes], vocab: Vocabulary, key: str) -> np.ndarray:
+    """The tokenizer's ids of `docs` (UTF-8) as one stream, each document followed by EOS, uint16 or uint32 by
+    vocabulary size: the stream `prepare --tokenizer` makes of the same documents (it too leaves out those
+    without ids)."""
+    dtype = np.uint16 if vocab.size <= 1 << 16 else np.uint32
+    encoded = [np.asarray([*ids, vocab.eos], dtype=dtype) for ids in vocab.encode_batch(docs) if ids]
+    if not encoded:
+        raise DataError(f"{key}: no document has tokens in {vocab.tokenizer}")
+    return np.concatenate(encoded)
+
+
+def document_ids(tokens: torch.Tensor, eos: int = EOS) -> torch.Tensor:
+    """[B, T] index of the document each position belongs to within its row: it grows after every `eos`."""
+    after_eos = (tokens == eos).long().cumsum(dim=-1)
     return torch.cat([torch.zeros_like(after_eos[..., :1]), after_eos[..., :-1]], dim=-1)
 
 
-ANNOTATIONS = {"doc_ids": document_ids, "structure": batch_structure}
-
-
-def annotate(batch: dict[str, torch.Tensor], annotations: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Add per-token annotations computed from the batch's tokens."""
-    return batch | {name: ANNOTATIONS[name](batch["tokens"]) for name in annotations}
+def annotate(batch: dict[str, torch.Tensor], annotations: tuple[str, ...], eos: int = EOS) -> dict[str, torch.Tensor]:
+    """Add per-token annotations computed from the batch's tokens, whose documents end at `eos`."""
+    compute = {"doc_ids": lambda tokens: document_ids(tokens, eos), "structure": batch_structure}
+    return batch | {name: compute[name](batch["tokens"]) for name in annotations}
 
 
 def data_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
@@ -129,17 +142,17 @@ class RandomWindows(IterableDataset):
     first each window's stream, by `weights`, then its offset); this rank takes its slice. Each row is laid
     out as the contract lays out a full chunk: targets shifted left with PAD appended, positions the offsets
     in the window's stream. Iteration starts at `start_batch` (the data position). Only the windows are read,
-    so memory-mapped streams stay on disk."""
+    so memory-mapped streams stay on disk. `pad` and `eos` are the streams' (the V1 contract's for bytes)."""
 
     def __init__(
         self, streams: list[Stream], seq_len: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
-        annotations: tuple[str, ...] = (), weights: list[float] | None = None,
+        annotations: tuple[str, ...] = (), weights: list[float] | None = None, pad: int = PAD, eos: int = EOS,
     ) -> None:
         self.streams, self.lengths = streams, np.array([len(s) for s in streams])
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
-        self.annotations = annotations
+        self.annotations, self.pad, self.eos = annotations, pad, eos
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, b])
@@ -153,8 +166,8 @@ class RandomWindows(IterableDataset):
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         tokens = torch.from_numpy(np.stack([self.streams[s][o : o + self.seq_len] for s, o in zip(which[mine], starts[mine])]).astype(np.int64))
         positions = torch.from_numpy(starts[mine]).unsqueeze(1) + torch.arange(self.seq_len)
-        targets = torch.cat([tokens[:, 1:], torch.full((len(tokens), 1), PAD)], dim=1)
-        return annotate({"tokens": tokens, "targets": targets, "positions": positions}, self.annotations)
+        targets = torch.cat([tokens[:, 1:], torch.full((len(tokens), 1), self.pad)], dim=1)
+        return annotate({"tokens": tokens, "targets": targets, "positions": positions}, self.annotations, self.eos)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -164,19 +177,20 @@ class RandomWindows(IterableDataset):
 
 
 class ContractChunks(torch.utils.data.Dataset):
-    """A token stream cut into the contract's rows (tokenize); item i reads tokens [i * seq_len, (i + 1) * seq_len)."""
+    """A token stream cut into the contract's rows (tokenize, with the stream's `pad` and `eos`); item i reads
+    tokens [i * seq_len, (i + 1) * seq_len)."""
 
-    def __init__(self, stream: Stream, seq_len: int, annotations: tuple[str, ...] = ()) -> None:
-        self.stream, self.seq_len, self.annotations = stream, seq_len, annotations
+    def __init__(self, stream: Stream, seq_len: int, annotations: tuple[str, ...] = (), pad: int = PAD, eos: int = EOS) -> None:
+        self.stream, self.seq_len, self.annotations, self.pad, self.eos = stream, seq_len, annotations, pad, eos
 
     def __len__(self) -> int:
         return -(-len(self.stream) // self.seq_len)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start = i * self.seq_len
-        row = tokenize(torch.from_numpy(np.asarray(self.stream[start : start + self.seq_len], dtype=np.int64)), self.seq_len)
+        row = tokenize(torch.from_numpy(np.asarray(self.stream[start : start + self.seq_len], dtype=np.int64)), self.seq_len, self.pad, self.eos)
         row["positions"] += start
-        return {k: v[0] for k, v in annotate(row, self.annotations).items()}
+        return {k: v[0] for k, v in annotate(row, self.annotations, self.eos).items()}
 
 
 @dataclass
@@ -188,9 +202,10 @@ class Corpus:
 
 
 class ByteCorpus(L.LightningDataModule):
-    """Bytes from a file, a directory, a glob, a local HF dataset (`hf_format` text/json/parquet with a
-    `text_column`) or a corpus prepared by `soma-lightning prepare` (memory-mapped, not read into memory), or
-    a weighted mixture of corpora; by default the tiny-Shakespeare text shipped in the package.
+    """Bytes, or a tokenizer's ids, from a file, a directory, a glob, a local HF dataset (`hf_format`
+    text/json/parquet with a `text_column`) or a corpus prepared by `soma-lightning prepare` (memory-mapped,
+    not read into memory), or a weighted mixture of corpora; by default the tiny-Shakespeare text shipped in
+    the package.
 
     Train/val: separate sources (`val_source`), or the last `val_fraction` of each corpus's token stream (the
     split nanoGPT uses). Training draws `batch_size` random windows of `seq_len`, each corpus's share by
@@ -215,6 +230,10 @@ class ByteCorpus(L.LightningDataModule):
         structure: batches also carry each position's enclosing spans (data_modules/structure.py), for the
             structural attention bias.
         verify_checksums: compare each prepared shard's SHA-256 with its manifest in setup (reads everything).
+        tokenizer: null or `bytes`: bytes (the V1 contract); a tokenizers JSON file: its ids, into which plain
+            sources are encoded in memory at setup (prepare large corpora with `prepare --tokenizer`), and
+            which prepared directories must hold. `soma-lightning fit` sets it to model.arch.tokenizer.
+        eos_token: the tokenizer's token that ends every document.
     """
 
     def __init__(
@@ -235,10 +254,15 @@ class ByteCorpus(L.LightningDataModule):
         doc_ids: bool = False,
         structure: bool = False,
         verify_checksums: bool = False,
+        tokenizer: str | None = None,
+        eos_token: str = DEFAULT_EOS_TOKEN,
     ) -> None:
         super().__init__()
         require_positive(seq_len=seq_len, batch_size=batch_size, val_seq_len=val_seq_len, val_batch_size=val_batch_size)
         require_num_workers(num_workers)
+        self.vocabulary = vocabulary(tokenizer or BYTES, eos_token, "data.tokenizer", DataError)
+        if structure and not self.vocabulary.is_bytes:
+            raise DataError(f"data.structure: the structural spans are read from bytes, not from the ids of data.tokenizer {tokenizer}; set structure false")
         if val_source is None and not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction: must be in (0, 1) when no val_source is given, got {val_fraction}")
         if mixture is not None and (source is not None or not mixture):
@@ -261,22 +285,32 @@ class ByteCorpus(L.LightningDataModule):
         self.prepared: dict[str, TokenShards] = {}  # absolute path -> reader, for every prepared corpus read
 
     def _open(self, path: str, key: str) -> Stream:
-        """A prepared directory's memory-mapped stream; any other source read into memory."""
+        """A prepared directory's memory-mapped stream, which must hold this corpus's vocabulary; any other
+        source read into memory (and encoded)."""
         if (shards := open_prepared(path, key)) is None:
-            return read_stream(path, key, self.hf_format, self.text_column)
-        if shards.manifest.tokenizer != "bytes" or shards.eos != EOS:
-            raise DataError(f"{key}: {path} holds tokens of tokenizer {shards.manifest.tokenizer} with EOS {shards.eos}; ByteCorpus reads bytes with EOS {EOS} (prepare with the bytes tokenizer)")
+            return read_stream(path, key, self.hf_format, self.text_column, self.vocabulary)
+        if shards.manifest.vocabulary != self.vocabulary.identity:
+            theirs = BYTES if shards.manifest.tokenizer == BYTES else str(Path(path) / shards.manifest.tokenizer["file"])
+            sha256, eos = shards.manifest.vocabulary
+            raise DataError(
+                f"{key}: {path} holds the ids of {theirs} (sha256 {sha256}, EOS {eos}), not of the run's tokenizer {self.vocabulary.describe()}; "
+                f"train with --model.arch.tokenizer {theirs}, or prepare it again with --tokenizer {self.vocabulary.tokenizer}"
+            )
         if self.verify_checksums:
             shards.verify()
         self.prepared[str(Path(path).resolve())] = shards
         return shards
 
     def setup(self, stage: str | None = None) -> None:
+        model = getattr(self.trainer, "lightning_module", None)
+        theirs = getattr(model, "vocabulary", None)  # SomaLM's; `fit` gave this module the same one, the Python API may not
+        if theirs is not None and theirs.identity != self.vocabulary.identity:
+            raise DataError(f"data.tokenizer: {self.vocabulary.describe()} differs from model.arch.tokenizer {theirs.describe()}; give both the same tokenizer")
         if self.train_streams is not None:
             return
         if not self.corpora:
             with resources.as_file(resources.files("soma_lightning") / "corpora" / f"{EMBEDDED}.txt") as path:
-                streams = [read_stream(str(path), "data.source")]
+                streams = [read_stream(str(path), "data.source", vocab=self.vocabulary)]
         else:
             streams = [self._open(c.path, key) for key, c in zip(self.keys, self.corpora)]
         if self.val_source is not None:
@@ -320,11 +354,13 @@ class ByteCorpus(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Starts at the data position: after resuming at step N, the batch an uninterrupted run would draw next."""
         weights = [c.weight for c in self.corpora] or None
-        windows = RandomWindows(self.train_streams, self.seq_len, self.batch_size, self.seed, *data_position(self.trainer), self.annotations, weights)
+        windows = RandomWindows(
+            self.train_streams, self.seq_len, self.batch_size, self.seed, *data_position(self.trainer), self.annotations, weights, self.vocabulary.pad, self.vocabulary.eos,
+        )
         return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
     def _chunks(self, streams: list[Stream]) -> DataLoader:
-        chunks = ConcatDataset([ContractChunks(s, self.val_seq_len, self.annotations) for s in streams])
+        chunks = ConcatDataset([ContractChunks(s, self.val_seq_len, self.annotations, self.vocabulary.pad, self.vocabulary.eos) for s in streams])
         return DataLoader(chunks, batch_size=self.val_batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

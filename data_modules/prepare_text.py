@@ -26,9 +26,9 @@ import numpy as np
 
 from soma_lightning.checkpoint_io import atomic_write
 from soma_lightning.data_modules.byte_corpus import DataError, source_files
-from soma_lightning.data_modules.contract import EOS
-from soma_lightning.data_modules.shard_format import MANIFEST, SHARDS, Manifest, Shard, dtype_for, file_sha256
+from soma_lightning.data_modules.shard_format import MANIFEST, SHARDS, Manifest, Shard, dtype_for
 from soma_lightning.data_modules.text_pipeline import READERS, UNREADABLE, ShardWriter, file_lines, task_result_path
+from soma_lightning.vocabulary import BYTES, DEFAULT_EOS_TOKEN, vocabulary
 
 STATE = ".prepare"
 TOKENIZER = "tokenizer.json"
@@ -140,24 +140,10 @@ def first_record_columns(file: Path, hf_format: str | None) -> list[str] | None:
 
 def encoding(tokenizer: str, eos_token: str) -> tuple[str, int, str | dict, Path | None]:
     """(dtype, EOS id, the manifest's tokenizer entry, the tokenizer file) for --tokenizer and --eos_token."""
-    if tokenizer == "bytes":
-        return "uint8", EOS, "bytes", None
-    path = Path(tokenizer)
-    if not path.is_file():
-        raise DataError(f"--tokenizer: {tokenizer!r} is neither `bytes` nor a tokenizers JSON file")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise DataError("--tokenizer: a tokenizer file needs the `tokenizers` package (pip install tokenizers)") from None
-    try:
-        loaded = Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise DataError(f"--tokenizer: cannot read {tokenizer!r} as a tokenizers JSON file ({' '.join(str(e).split())})") from None
-    eos = loaded.token_to_id(eos_token)
-    if eos is None:
-        raise DataError(f"--eos_token: {eos_token!r} is not a token of {tokenizer!r}; name its end-of-document token with --eos_token")
-    vocab_size = max(loaded.get_vocab(with_added_tokens=True).values()) + 1
-    return str(dtype_for(vocab_size)), eos, {"file": TOKENIZER, "sha256": file_sha256(path), "vocab_size": vocab_size}, path
+    vocab = vocabulary(tokenizer, eos_token, "--tokenizer", DataError)
+    if vocab.is_bytes:
+        return "uint8", vocab.eos, BYTES, None
+    return str(dtype_for(vocab.size)), vocab.eos, {"file": TOKENIZER, "sha256": vocab.sha256, "vocab_size": vocab.size}, Path(tokenizer)
 
 
 def assign(sizes: list[int], tasks: int) -> list[int]:
@@ -169,7 +155,7 @@ def assign(sizes: list[int], tasks: int) -> list[int]:
 
 
 def plan_prepare(
-    data: TextSources, out: str | Path, tasks: int, shard_size: int = 10**9, tokenizer: str = "bytes", eos_token: str = "<|endoftext|>",
+    data: TextSources, out: str | Path, tasks: int, shard_size: int = 10**9, tokenizer: str = BYTES, eos_token: str = DEFAULT_EOS_TOKEN,
 ) -> Plan:
     """Check the settings, list and assign the files, and record the plan in OUT/.prepare (or check it
     against the one there: a rerun with other settings is refused rather than mixed with old shards)."""
@@ -242,7 +228,7 @@ def write_manifest(plan: Plan) -> tuple[Manifest, dict[str, str]]:
 
 
 def prepare_text(
-    data: TextSources, out: str | Path, workers: int = 1, shard_size: int = 10**9, tokenizer: str = "bytes", eos_token: str = "<|endoftext|>",
+    data: TextSources, out: str | Path, workers: int = 1, shard_size: int = 10**9, tokenizer: str = BYTES, eos_token: str = DEFAULT_EOS_TOKEN,
     tasks: int | None = None,
 ) -> Report:
     """Prepare `data` into token shards in `out` with `tasks` (default: `workers`) datatrove tasks, `workers`

@@ -58,6 +58,11 @@ class Manifest:
     format: str = FORMAT
 
     @property
+    def vocabulary(self) -> tuple[str, int]:
+        """Which ids the shards hold, in Vocabulary.identity's form: ("bytes", EOS) or (the tokenizer file's sha256, EOS)."""
+        return self.tokenizer if isinstance(self.tokenizer, str) else self.tokenizer["sha256"], self.eos
+
+    @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
 
@@ -89,14 +94,6 @@ def is_prepared(path: str | os.PathLike) -> bool:
 def manifest_hash(root: Path) -> str:
     """SHA-256 of manifest.json: it names every shard with its checksum, so it fingerprints the corpus."""
     return hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 FLUSH_BYTES = 1 << 24  # a shard's documents are written in pieces of about this size

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from soma_lightning.errors import DataError
-from soma_lightning.data_modules.shard_format import MANIFEST, SHARDS, Manifest, Shard, file_sha256, is_prepared, manifest_hash
+from soma_lightning.data_modules.shard_format import MANIFEST, SHARDS, Manifest, Shard, is_prepared, manifest_hash
+from soma_lightning.vocabulary import file_sha256
 
 # Each memory map holds a file descriptor: a process keeps at most this many shards (two maps each) open, a
 # quarter of its limit on open files, closing the least recently read first.

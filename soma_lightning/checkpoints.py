@@ -8,6 +8,7 @@ sharded folders through safe_unpickling.py; a file that is not a checkpoint is a
 
 import pickle
 import tempfile
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,8 +16,10 @@ import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from soma_lightning.errors import UserError
-from soma_lightning.lm import SomaLM
+from soma_lightning.lm import TOKENIZER_SHA256, SomaLM
 from soma_lightning.safe_unpickling import MetadataUnpickler, restricted_unpickling
+from soma_lightning.spec import ModelSpec
+from soma_lightning.vocabulary import BYTES, check_tokenizer_file
 
 SHARDED_METADATA = "meta.pt"  # what Lightning's FSDP and ModelParallel strategies write beside the shards
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
@@ -89,20 +92,26 @@ def _check_dcp_metadata(folder: Path, argument: str) -> None:
         raise UserError(f"{argument}: {metadata} is not checkpoint metadata (it holds a {type(loaded).__name__})")
 
 
+def _read_checkpoint(path: Path, argument: str) -> dict[str, Any] | None:
+    """A checkpoint's contents, read without running code: a sharded folder's meta.pt (all but the weights
+    and optimizer state); None for a DeepSpeed folder, whose state DeepSpeed itself reads. Refuses, as one
+    line, anything that is not a readable checkpoint."""
+    if not path.is_dir():
+        return _torch_load(path, argument)
+    if (path / DEEPSPEED_LATEST).is_file():
+        return None
+    if not (path / SHARDED_METADATA).is_file():
+        raise UserError(f"{argument}: {path} is a folder but not a checkpoint (no {SHARDED_METADATA} or {DEEPSPEED_LATEST})")
+    checkpoint = _torch_load(path / SHARDED_METADATA, argument)
+    _check_dcp_metadata(path, argument)
+    return checkpoint
+
+
 def read_hyperparameters(path: Path, argument: str = "--ckpt_path") -> dict[str, Any] | None:
     """The hyper-parameters a checkpoint was trained with (SomaLM's saved init arguments), read without
-    running code; None for a DeepSpeed folder, whose state DeepSpeed itself reads. Refuses, as one line,
-    anything that is not a readable checkpoint."""
-    if path.is_dir():
-        if (path / DEEPSPEED_LATEST).is_file():
-            return None
-        if not (path / SHARDED_METADATA).is_file():
-            raise UserError(f"{argument}: {path} is a folder but not a checkpoint (no {SHARDED_METADATA} or {DEEPSPEED_LATEST})")
-        checkpoint = _torch_load(path / SHARDED_METADATA, argument)
-        _check_dcp_metadata(path, argument)
-    else:
-        checkpoint = _torch_load(path, argument)
-    return _hyperparameters_of(checkpoint, path, argument)
+    running code; None for a DeepSpeed folder, whose state DeepSpeed itself reads."""
+    checkpoint = _read_checkpoint(path, argument)
+    return None if checkpoint is None else _hyperparameters_of(checkpoint, path, argument)
 
 
 def read_global_step(path: Path, argument: str = "--ckpt_path") -> int | None:
@@ -122,13 +131,32 @@ def _hyperparameters_of(checkpoint: dict[str, Any], path: Path, argument: str) -
     return hparams
 
 
+def _hparams_to_load(checkpoint: dict[str, Any], path: Path, argument: str, tokenizer: str | Path | None) -> dict[str, Any]:
+    """The arguments to build a checkpoint's module with: its hyper-parameters without init_weights, with the
+    tokenizer file at `tokenizer` when given, which must be the file the checkpoint was trained with."""
+    hparams = _hyperparameters_of(checkpoint, path, argument)
+    arch = hparams["arch"] if tokenizer is None else hparams["arch"] | {"tokenizer": str(tokenizer)}
+    flag = "--tokenizer" if argument.startswith("--") else "tokenizer"
+    check_tokenizer_file(arch.get("tokenizer", BYTES), checkpoint.get(TOKENIZER_SHA256), str(path), flag)
+    return hparams | {"arch": arch, "init_weights": None}
+
+
+def _module_of(checkpoint: dict[str, Any], path: Path, argument: str, tokenizer: str | Path | None) -> SomaLM:
+    module = SomaLM(**_hparams_to_load(checkpoint, path, argument, tokenizer))
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise UserError(f"{argument}: {path} holds no state_dict")
+    module.load_state_dict(state)
+    return module
+
+
 def _load_sharded(path: Path, hparams: dict[str, Any]) -> SomaLM:
     """The full weights of a sharded (torch.distributed.checkpoint) folder, read in this one process.
     Lightning's ModelParallelStrategy (FSDP2) stores them under "state_dict", its FSDPStrategy (FSDP1) under
     "model"."""
     import torch.distributed.checkpoint as dcp
 
-    module = SomaLM(**(hparams | {"init_weights": None}))
+    module = SomaLM(**hparams)
     with restricted_unpickling():
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         top = "model" if any(key.startswith("model.model.") for key in stored) else "state_dict"
@@ -138,37 +166,33 @@ def _load_sharded(path: Path, hparams: dict[str, Any]) -> SomaLM:
     return module
 
 
-def _load_deepspeed(path: Path) -> SomaLM:
+def _load_deepspeed(path: Path, argument: str, tokenizer: str | Path | None) -> SomaLM:
     """The full float32 weights of a DeepSpeed ZeRO folder, consolidated by Lightning's converter (needs the
     deepspeed extra). DeepSpeed's files are read by DeepSpeed's own loader: load only folders you wrote."""
     try:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ImportError as e:
-        raise UserError(f"--ckpt: {path} is a DeepSpeed checkpoint; reading it needs the deepspeed extra ({e})") from None
+        raise UserError(f"{argument}: {path} is a DeepSpeed checkpoint; reading it needs the deepspeed extra ({e})") from None
     with tempfile.TemporaryDirectory() as tmp:
         consolidated = Path(tmp) / "consolidated.ckpt"
         convert_zero_checkpoint_to_fp32_state_dict(path, consolidated)
-        return SomaLM.load_from_checkpoint(consolidated, map_location="cpu", init_weights=None, weights_only=True)
+        return _module_of(_torch_load(consolidated, argument), path, argument, tokenizer)
 
 
-def load_module(path: str | Path, which: Literal["best", "last"] = "last", argument: str = "--ckpt") -> SomaLM:
+def load_module(path: str | Path, which: Literal["best", "last"] = "last", argument: str = "--ckpt", tokenizer: str | Path | None = None) -> SomaLM:
     """The SomaLM of a checkpoint or run directory, on the CPU, with its full weights (sharded checkpoints
     consolidated in this process). Nothing in the files is executed; a file that is not a soma-lightning
-    checkpoint is a one-line UserError naming it."""
+    checkpoint is a one-line UserError naming it. `tokenizer`: the model's tokenizer file, replacing the path
+    its spec records (a file moved since training); a tokenizer file that is missing, or is not the one the
+    checkpoint was trained with (its SHA-256), is a one-line UserError."""
     checkpoint = resolve_checkpoint(path, which, argument)
     if checkpoint.is_dir() and (checkpoint / DEEPSPEED_LATEST).is_file():
-        return _load_deepspeed(checkpoint)
-    loaded = None if checkpoint.is_dir() else _torch_load(checkpoint, argument)
-    hparams = read_hyperparameters(checkpoint, argument) if loaded is None else _hyperparameters_of(loaded, checkpoint, argument)
+        return _load_deepspeed(checkpoint, argument, tokenizer)
+    loaded = _read_checkpoint(checkpoint, argument)
     try:
-        if loaded is None:
-            return _load_sharded(checkpoint, hparams)
-        module = SomaLM(**(hparams | {"init_weights": None}))
-        state = loaded.get("state_dict")
-        if not isinstance(state, dict):
-            raise UserError(f"{argument}: {checkpoint} holds no state_dict")
-        module.load_state_dict(state)
-        return module
+        if checkpoint.is_dir():
+            return _load_sharded(checkpoint, _hparams_to_load(loaded, checkpoint, argument, tokenizer))
+        return _module_of(loaded, checkpoint, argument, tokenizer)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"{argument}: {checkpoint} does not match the model its hyper-parameters describe ({type(e).__name__}: {_one_line(e)})") from None
 
@@ -183,9 +207,19 @@ def _flatten(value: object, prefix: str) -> dict[str, object]:
     return {prefix: list(value) if isinstance(value, tuple) else value}
 
 
+# The spec keys' defaults, which a checkpoint written before the key existed was trained with.
+SPEC_DEFAULTS = {f.name: f.default for f in fields(ModelSpec) if f.default is not MISSING}
+
+
 def hparams_differences(checkpoint: dict[str, Any], config: dict[str, Any], ignored: frozenset[str] = RUNTIME_HPARAMS) -> list[str]:
     """Each model.* key whose value differs between a checkpoint's hyper-parameters and a config's, as
-    "model.KEY (checkpoint A, config B)", sorted; top-level keys in `ignored` are not compared."""
+    "model.KEY (checkpoint A, config B)", sorted; top-level keys in `ignored` are not compared, nor where two
+    tokenizer files lie (SomaLM.on_load_checkpoint compares their SHA-256)."""
+    if isinstance(checkpoint.get("arch"), dict):
+        checkpoint = checkpoint | {"arch": SPEC_DEFAULTS | checkpoint["arch"]}
     theirs = _flatten({k: v for k, v in checkpoint.items() if k not in ignored}, "model")
     mine = _flatten({k: v for k, v in config.items() if k not in ignored}, "model")
+    if BYTES not in (theirs.get("model.arch.tokenizer"), mine.get("model.arch.tokenizer")):
+        for flat in (theirs, mine):
+            flat.pop("model.arch.tokenizer", None)
     return [f"{key} (checkpoint {theirs.get(key, '-')}, config {mine.get(key, '-')})" for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key)]

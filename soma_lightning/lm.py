@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
-from soma_lightning.data_modules.contract import PAD
 from soma_lightning.float8 import convert_blocks_to_float8, require_torchao
 from soma_lightning.nn.protocols import after_train_batch, auxiliary_terms
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
@@ -17,21 +16,25 @@ from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
 from soma_lightning.token_space import check_token_ids, modality_of
 from soma_lightning.onchain import ONCHAIN_SIGREG, arrgen_noise, onchain_batch_loss, target_nll
 from soma_lightning.v1 import load_canonical, read_canonical
+from soma_lightning.vocabulary import BYTE_PAD, check_tokenizer_file, vocabulary
+
+TOKENIZER_SHA256 = "tokenizer_sha256"  # the checkpoint key of the model's tokenizer file's SHA-256 (none for bytes)
 
 Batch = dict[str, torch.Tensor]
 
 
 class RangeCE(Metric):
-    """Summed NLL and target count per vocabulary range (model.arch.vocab_ranges), by each target's range."""
+    """Summed NLL and target count per vocabulary range (model.arch.vocab_ranges), by each target's range;
+    targets that are `pad` are left out."""
 
-    def __init__(self, ranges: dict[str, list[int]]) -> None:
+    def __init__(self, ranges: dict[str, list[int]], pad: int = BYTE_PAD) -> None:
         super().__init__()
-        self.ranges = ranges
+        self.ranges, self.pad = ranges, pad
         self.add_state("nll", torch.zeros(len(ranges), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(len(ranges), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, nll: torch.Tensor, targets: torch.Tensor) -> None:
-        keep = targets != PAD
+        keep = targets != self.pad
         which = modality_of(targets[keep], self.ranges)
         self.nll.index_add_(0, which, nll[keep].double())
         self.count.index_add_(0, which, torch.ones_like(which, dtype=torch.float64))
@@ -57,7 +60,8 @@ class OptimConfig:
 class SomaLM(L.LightningModule):
     """A SOMA-family language model and its objective: CE over non-PAD targets + sigreg.coefficient *
     SIGReg on the final representations, plus the MTP heads' weighted CE and the components' auxiliary
-    losses (nn/protocols.py).
+    losses (nn/protocols.py). PAD and EOS are those of the spec's tokenizer (`self.vocabulary`); the CE in bits
+    is logged as bits_per_byte for a byte model and bits_per_token for a tokenizer's.
 
     Every micro-batch reseeds torch's generators from (noise_seed, step, micro-batch, rank), so dropout
     masks are a function of the data position and a resumed run draws the same ones. Activation
@@ -104,13 +108,24 @@ class SomaLM(L.LightningModule):
         if float8:
             require_torchao()
         self.model = build_model(arch)
+        self.vocabulary = vocabulary(arch.tokenizer, arch.eos_token)
+        self.bits_metric = "bits_per_byte" if self.vocabulary.is_bytes else "bits_per_token"
         if init_weights is not None:
             load_canonical(self.model, read_canonical(init_weights), init_weights)
         self.val_ce, self.val_sigreg, self.val_onchain = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_range_ce = RangeCE(arch.vocab_ranges) if arch.vocab_ranges else None
+        self.val_range_ce = RangeCE(arch.vocab_ranges, self.vocabulary.pad) if arch.vocab_ranges else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, positions)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the tokenizer file's SHA-256: the spec names only where the file was."""
+        if not self.vocabulary.is_bytes:
+            checkpoint[TOKENIZER_SHA256] = self.vocabulary.sha256
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume or evaluate a checkpoint with another tokenizer file than the one it was trained with."""
+        check_tokenizer_file(self.vocabulary.tokenizer, checkpoint.get(TOKENIZER_SHA256), "the checkpoint", "--model.arch.tokenizer")
 
     def configure_model(self) -> None:
         """float8 Linear layers, activation checkpointing, then torch.compile per block, then FSDP2 sharding
@@ -155,7 +170,7 @@ class SomaLM(L.LightningModule):
         return batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure")
 
     def _ce(self, reps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
+        return F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocabulary.pad)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         reps, mtp = self.model.encode_with_mtp(*self._inputs(batch))
@@ -176,7 +191,7 @@ class SomaLM(L.LightningModule):
         metrics |= {f"train/{name}": value for name, value in (aux_losses | aux_metrics).items()}
         self.log_dict(metrics, sync_dist=True)  # the mean over ranks: the global batch's value under data parallelism
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/bits_per_byte", ce / math.log(2), prog_bar=True, sync_dist=True)
+        self.log(f"train/{self.bits_metric}", ce / math.log(2), prog_bar=True, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
@@ -184,8 +199,8 @@ class SomaLM(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         reps = self.model.encode(*self._inputs(batch))
-        nll = target_nll(self.model.predict(reps), batch["targets"])
-        n = (batch["targets"] != PAD).sum()
+        nll = target_nll(self.model.predict(reps), batch["targets"], self.vocabulary.pad)
+        n = (batch["targets"] != self.vocabulary.pad).sum()
         seed = self.noise_seed + batch_idx
         onchain_sig = sigreg_statistic(reps, arrgen_noise(seed, self.arch.d_model).to(self.device))
         sig = onchain_sig
@@ -199,14 +214,14 @@ class SomaLM(L.LightningModule):
             self.val_range_ce.update(nll, batch["targets"])
 
     def _log_eval(self, stage: str) -> None:
-        """Token-weighted CE over the whole split (bits/byte = CE / ln 2), row-weighted SIGReg, the on-chain
+        """Token-weighted CE over the whole split (in bits: CE / ln 2), row-weighted SIGReg, the on-chain
         loss (mean over batches of their on-chain losses) and, with vocab_ranges, the CE per range."""
         ce, sig = self.val_ce.compute(), self.val_sigreg.compute()
         self.log_dict({
             f"{stage}/ce": ce, f"{stage}/sigreg": sig, f"{stage}/loss": ce + self.sigreg.coefficient * sig,
             f"{stage}/onchain_loss": self.val_onchain.compute(),
         })
-        self.log(f"{stage}/bits_per_byte", ce / math.log(2), prog_bar=stage == "val")
+        self.log(f"{stage}/{self.bits_metric}", ce / math.log(2), prog_bar=stage == "val")
         if self.val_range_ce is not None:  # per declared range, by the target's id: ce_{name} (nats), bits_per_token_{name}
             for name, range_ce in self.val_range_ce.compute().items():
                 self.log_dict({f"{stage}/ce_{name}": range_ce.float(), f"{stage}/bits_per_token_{name}": range_ce.float() / math.log(2)})
@@ -225,8 +240,8 @@ class SomaLM(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-row NLL sum (nats) over non-PAD targets and the number of such targets."""
-        nll = target_nll(self.model.predict(self.model.encode(*self._inputs(batch))), batch["targets"])
-        return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != PAD).sum(dim=1)}
+        nll = target_nll(self.model.predict(self.model.encode(*self._inputs(batch))), batch["targets"], self.vocabulary.pad)
+        return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != self.vocabulary.pad).sum(dim=1)}
 
     def configure_optimizers(self):
         o = self.optim

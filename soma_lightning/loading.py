@@ -9,7 +9,7 @@ from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 
 
-def load(path: str | os.PathLike, which: Literal["best", "last"] = "last", device: str = "cpu") -> SomaLM:
+def load(path: str | os.PathLike, which: Literal["best", "last"] = "last", device: str = "cpu", tokenizer: str | os.PathLike | None = None) -> SomaLM:
     """The SomaLM of a run, a checkpoint or an exported file, in eval mode on `device`; nothing in the files
     is executed (weights-only loading).
 
@@ -26,6 +26,9 @@ def load(path: str | os.PathLike, which: Literal["best", "last"] = "last", devic
           `onchain.score`, whose reference attention is the scorer's arithmetic bitwise.
         Exported files carry no optimizer settings: the module has SomaLM's defaults.
 
+    `tokenizer`: the model's tokenizer file, when it moved since training (it replaces the path in the spec);
+    a checkpoint refuses a file other than the one it was trained with (by SHA-256), as one line.
+
     Use `module.model` for the bare network (`module.model(tokens)` gives logits) and
     `soma_lightning.generation.generate(module.model, ...)` to sample. A path that is none of these is a
     UserError (one line naming it)."""
@@ -34,23 +37,32 @@ def load(path: str | os.PathLike, which: Literal["best", "last"] = "last", devic
     target = check_device(device, "device")
     p = Path(path)
     if p.suffix == ".safetensors" and p.is_file():
-        module = _load_safetensors(p)
+        module = _load_safetensors(p, tokenizer)
     else:
         from soma_lightning.checkpoints import load_module
 
-        module = load_module(path, which, "path")
+        module = load_module(path, which, "path", tokenizer)
     return module.to(target).eval()
 
 
-def _load_safetensors(path: Path) -> SomaLM:
-    from soma_lightning.callbacks.safetensors_export import CANONICAL_SPEC_KEY, SPEC_KEY, load_exported
+def _spec(metadata: str, tokenizer: str | os.PathLike | None):
+    """The spec an export's metadata records, with the tokenizer file at `tokenizer` when given."""
     from soma_lightning.spec import spec_from_dict
+
+    arch = json.loads(metadata)
+    return spec_from_dict(arch if tokenizer is None else arch | {"tokenizer": str(tokenizer)})
+
+
+def _load_safetensors(path: Path, tokenizer: str | os.PathLike | None) -> SomaLM:
+    from safetensors.torch import load_file
+
+    from soma_lightning.callbacks.safetensors_export import CANONICAL_SPEC_KEY, SPEC_KEY
     from soma_lightning.v1 import dims_of, file_metadata, file_shapes, load_canonical, read_canonical, resolve_num_heads, v1_spec
 
     metadata = file_metadata(path)
     if SPEC_KEY in metadata:
-        tensors, spec = load_exported(path)
-        module = SomaLM(spec)
+        tensors = load_file(path)
+        module = SomaLM(_spec(metadata[SPEC_KEY], tokenizer))
         try:
             module.model.load_state_dict(tensors)
         except RuntimeError as e:
@@ -61,7 +73,7 @@ def _load_safetensors(path: Path) -> SomaLM:
     except UserError as e:
         raise UserError(f"path: {e}, nor a soma-lightning state_dict export (no {SPEC_KEY} in its metadata)") from None
     if CANONICAL_SPEC_KEY in metadata:
-        spec = spec_from_dict(json.loads(metadata[CANONICAL_SPEC_KEY]))
+        spec = _spec(metadata[CANONICAL_SPEC_KEY], tokenizer)
     else:
         d_model, n_layers, hidden_dim, vocab_size = dims
         spec = v1_spec(d_model, n_layers, hidden_dim, resolve_num_heads(path, None, "num_heads"), vocab_size)

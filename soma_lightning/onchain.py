@@ -28,9 +28,9 @@ def arrgen_noise(seed: int, d_model: int, slices: int = 256) -> Tensor:
     return torch.from_numpy(np.asarray(arrgen.normal_array(seed, [d_model, slices], 0.0, 1.0), dtype=np.float32))
 
 
-def target_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-position NLL [B, T] in float32, zero where the target is PAD."""
-    return F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=PAD, reduction="none")
+def target_nll(logits: Tensor, targets: Tensor, pad: int = PAD) -> Tensor:
+    """Per-position NLL [B, T] in float32, zero where the target is `pad` (the V1 contract's PAD by default)."""
+    return F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=pad, reduction="none")
 
 
 def onchain_batch_loss(nll: Tensor, sigreg_raw: Tensor) -> Tensor:

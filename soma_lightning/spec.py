@@ -14,7 +14,6 @@ import torch
 
 from soma_lightning.components import REGISTRY, Component, resolve_component
 from soma_lightning.config_files import read_yaml
-from soma_lightning.data_modules.contract import EOS, PAD
 from soma_lightning.device_memory import check_fits
 from soma_lightning.errors import SpecError
 from soma_lightning.nn.model import Block, SomaModel, Sublayer, normal_init
@@ -22,6 +21,7 @@ from soma_lightning.nn.mtp import SequentialMTP
 from soma_lightning.nn.protocols import default_name
 from soma_lightning.spec_types import check_value
 from soma_lightning.token_space import check_ranges
+from soma_lightning.vocabulary import BYTES, DEFAULT_EOS_TOKEN, vocabulary
 
 @dataclass
 class ModelSpec:
@@ -31,7 +31,11 @@ class ModelSpec:
     registered name, `{type: name, arg: value, ...}`, or `{class_path: pkg.Module, init_args: {...}}`. An
     `mtp` sublayer places multi-token-prediction heads at that point of the block (training only).
     `input_embeddings`: embedding components added to the token embedding (e.g. hashed_ngram, modality).
-    `vocab_size`: at least 258, the byte ids 0-255 with PAD 256 and EOS 257 (data_modules/contract.py).
+    `tokenizer`: what the token ids are: `bytes`, the V1 contract's byte ids 0-255 with PAD 256 and EOS 257
+    (data_modules/contract.py), or a tokenizers JSON file, whose ids the data must hold (prepare with
+    `--tokenizer`), with EOS its `eos_token` and PAD the first id past its ids (vocabulary.py).
+    `eos_token`: the tokenizer file's token that ends every document (unused for bytes).
+    `vocab_size`: holds every id the tokenizer emits, PAD and EOS: at least 258 for bytes.
     `vocab_ranges`: the token space per modality, `{name: [start, end)}`, PAD and EOS inside one of them;
     batches with ids outside every range are refused when they arrive.
     `mtp`: DeepSeek-V3-style sequential MTP modules after the last layer, `{horizons: H, block: <a block
@@ -59,6 +63,8 @@ class ModelSpec:
     mtp: dict | None = None
     token_embedding: str | dict | None = None
     init_std: float | None = None
+    tokenizer: str = BYTES
+    eos_token: str = DEFAULT_EOS_TOKEN
 
 
 # ---------------------------------------------------------------- the spec as a whole
@@ -75,10 +81,13 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
         raise SpecError(f"{path}.init_std: must be positive or null, got {spec.init_std}")
     if not 0.0 <= spec.dropout < 1.0:
         raise SpecError(f"{path}.dropout: must be in [0, 1), got {spec.dropout}")
-    specials = max(PAD, EOS) + 1
+    vocab = vocabulary(spec.tokenizer, spec.eos_token, f"{path}.tokenizer", SpecError)
+    pad, eos = vocab.pad, vocab.eos
+    specials = max(pad, eos) + 1
     if spec.vocab_size < specials:
+        ids = "the byte ids 0-255" if vocab.is_bytes else f"the ids 0-{vocab.size - 1} of {spec.tokenizer}"
         raise SpecError(
-            f"{path}.vocab_size: must be at least {specials} to hold the byte ids 0-255, PAD {PAD} and EOS {EOS} "
+            f"{path}.vocab_size: must be at least {specials} to hold {ids}, PAD {pad} and EOS {eos} "
             f"(every data module's batches hold them), got {spec.vocab_size}"
         )
     if spec.vocab_ranges is not None:
@@ -86,9 +95,9 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
             check_ranges(spec.vocab_ranges, spec.vocab_size, f"{path}.vocab_ranges")
         except ValueError as e:
             raise SpecError(str(e)) from None
-        for special in (PAD, EOS):
+        for special in (pad, eos):
             if not any(start <= special < end for start, end in spec.vocab_ranges.values()):
-                raise SpecError(f"{path}.vocab_ranges: PAD {PAD} and EOS {EOS} must lie in a declared range (e.g. specials: [256, 264]); {special} lies in none")
+                raise SpecError(f"{path}.vocab_ranges: PAD {pad} and EOS {eos} must lie in a declared range (e.g. specials: [{pad}, {pad + 8}]); {special} lies in none")
 
 
 def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:

@@ -176,8 +176,8 @@ def test_damaged_and_foreign_shards_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=f"data.source: {root} holds shards but no manifest.json"):
         ByteCorpus(source=str(root), seq_len=8).setup("fit")
     tokens = _prepare(tmp_path / "t", _texts(5), [5], "uint16", 50_000, {"file": "tok.json", "sha256": "-", "vocab_size": 50_000})
-    with pytest.raises(DataError, match="ByteCorpus reads bytes with EOS 257"):
-        ByteCorpus(source=str(tokens), seq_len=8).setup("fit")
+    with pytest.raises(DataError, match=rf"holds the ids of {tokens / 'tok.json'} \(sha256 -, EOS 50000\), not of the run's tokenizer bytes \(EOS 257\)"):
+        ByteCorpus(source=str(tokens), seq_len=8).setup("fit")  # a bytes corpus; tests/test_subword.py trains on tokenizer shards
 
 
 def test_checkpoints_record_the_manifest_and_refuse_a_changed_corpus(tmp_path):

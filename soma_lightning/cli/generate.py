@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 
 from soma_lightning.checkpoint_io import atomic_write
-from soma_lightning.checkpoints import load_module, resolve_checkpoint
+from soma_lightning.checkpoints import load_module
 from soma_lightning.data_modules.contract import EOS
 from soma_lightning.data_modules.modalities import TokenSpace
 from soma_lightning.data_modules.modalities import prompt as modality_prompt
@@ -43,6 +43,7 @@ def generate(
     ckpt: str,
     prompt: str,
     which: Literal["best", "last"] = "last",
+    tokenizer: str | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -61,19 +62,20 @@ def generate(
     tokens_out: str | None = None,
     device: str = "cpu",
 ) -> None:
-    """Continue a prompt (its UTF-8 bytes) with a trained model; prints the generated text, and a summary line
-    on stderr.
+    """Continue a prompt with a trained model (its UTF-8 bytes, or its ids in the model's tokenizer); prints the
+    generated text, and a summary line on stderr.
 
     Args:
         ckpt: a .ckpt file, or a run directory (runs/NAME/version_N)
         prompt: the text to continue
         which: which checkpoint of a run directory
+        tokenizer: the model's tokenizer file, when it moved since training
         max_new_tokens: tokens to generate at most
         temperature: 0: greedy
         top_k: sample among the k most likely tokens
         top_p: sample among the most likely tokens holding this probability
         seed: sampling seed
-        allowed_bytes: only these bytes (and EOS) may be emitted
+        allowed_bytes: only these bytes (and EOS) may be emitted (byte models only, as the next three)
         denied_bytes: these bytes may not be emitted
         facts: a file of fact strings (one per line): words must come from them or the function words
         regex: the generated text must match this pattern (see soma_lightning/generation/regex.py for the subset)
@@ -90,10 +92,15 @@ def generate(
     """
     check_device(device)
     processors = constraints(allowed_bytes, denied_bytes, facts, regex, repetition_penalty)
-    module = load_module(resolve_checkpoint(ckpt, which))
+    module = load_module(ckpt, which, tokenizer=tokenizer)
+    vocabulary = module.vocabulary
+    byte_flags = {"allowed_bytes": allowed_bytes, "denied_bytes": denied_bytes, "facts": facts, "regex": regex}
+    given = [name for name, value in byte_flags.items() if value is not None]
+    if given and not vocabulary.is_bytes:
+        raise UserError(f"--{given[0]}: constrains bytes, but {ckpt} emits the tokens of {vocabulary.tokenizer} (multi-byte pieces); drop it")
     ranges = module.arch.vocab_ranges
     if modality == "text":
-        ids = list(prompt.encode())
+        ids = vocabulary.encode(prompt)
     elif ranges is None:
         raise UserError(f"--modality: {modality} needs a model with a token space (model.arch.vocab_ranges); {ckpt} has none")
     else:
@@ -101,6 +108,7 @@ def generate(
     result = generate_tokens(
         module.model.to(device), ids, max_new_tokens, temperature, top_k, top_p, seed, processors,
         use_cache=not no_cache, trace=trace is not None, speculative=speculative, cuda_graph=cuda_graph, vocab_ranges=ranges,
+        vocabulary=vocabulary,
     )
     if trace is not None:
         write_trace(trace, result.trace)

@@ -1,6 +1,7 @@
 """`soma-lightning fit|validate|test|predict`: LightningCLI, with the run directory, checkpoint and error
 handling a user of the framework expects."""
 
+import importlib
 import json
 import logging
 import shutil
@@ -93,13 +94,15 @@ class SomaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Keys of a config file that jsonargparse drops without a word (config_files.check_config_keys), and
         DeepSpeed's two requirements, which Lightning reports only as a nested type error (deepspeed not
-        installed) or once fit has started (on a CPU). validate, test and predict log nowhere."""
+        installed) or once fit has started (on a CPU). validate, test and predict log nowhere. ByteCorpus
+        takes the model's tokenizer (`_share_tokenizer`)."""
         subcommands = self._subcommand_parsers
         top = [a.dest for a in self.parser._actions] + [f"{name}.{a.dest}" for name, p in subcommands.items() for a in p._actions]
         for configs, dests in ((self.config.get("config"), top), (self._get(self.config, "config"), [a.dest for a in subcommands[self.subcommand]._actions])):
             for config in configs or []:
                 if config is not None:
                     check_config_keys(str(config), dests)
+        self._share_tokenizer()
         trainer = self._get(self.config, "trainer")
         if self.subcommand != "fit":
             trainer["logger"] = False
@@ -116,6 +119,23 @@ class SomaCLI(LightningCLI):
             import deepspeed  # noqa: F401
         except ImportError as e:
             raise UserError(f"trainer.strategy: {name} needs the deepspeed extra ({e}); pip install 'soma-lightning[deepspeed]'") from None
+
+    def _share_tokenizer(self) -> None:
+        """ByteCorpus reads the model's tokens: an unset data.init_args.tokenizer (and eos_token) is set to
+        model.arch's before anything is built, so that config.yaml records it; another one is refused."""
+        data, arch = self._get(self.config, "data"), self._get(self.config, "model").arch
+        module, _, name = getattr(data, "class_path", "").rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        if not (isinstance(cls, type) and issubclass(cls, ByteCorpus)):
+            return
+        given = data.init_args
+        if given.get("tokenizer") is None:
+            given.tokenizer, given.eos_token = arch.tokenizer, arch.eos_token
+        elif (given.tokenizer, given.eos_token) != (arch.tokenizer, arch.eos_token):
+            raise UserError(
+                f"data.init_args.tokenizer: {given.tokenizer} (eos_token {given.eos_token}) differs from model.arch.tokenizer {arch.tokenizer} "
+                f"(eos_token {arch.eos_token}); set model.arch.tokenizer only: the data takes the model's"
+            )
 
     def _parse_ckpt_path(self) -> None:
         """`--ckpt_path`, for every subcommand, before anything is built: a URL is refused (Lightning would

@@ -1,9 +1,10 @@
 """Generation for every architecture: incremental decoding (nn/decode.py), constraints as logits processors,
 per-token provenance traces, and self-speculative decoding with in-block MTP heads.
 
-Prompts and outputs are token ids of the V1 byte contract (data_modules/contract.py): bytes 0-255 and EOS;
-only those are ever emitted (PAD and unused ids are masked), and EOS ends a row. A model with a declared
-token space (`vocab_ranges`) may emit every id of it but PAD.
+Prompts and outputs are token ids of a `Vocabulary` (soma_lightning/vocabulary.py): by default the V1 byte
+contract, bytes 0-255 and EOS; for a model trained on a tokenizer file, the tokenizer's ids and its EOS. Only
+those are ever emitted (PAD and unused ids are masked), and EOS ends a row. A model with a declared token
+space (`vocab_ranges`) may emit every id of it but PAD. Constraints over bytes need the byte vocabulary.
 
 Modules, from the entry point down:
 - sampling.py: `generate`, which picks the decoding path, and the sampling loop;

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from soma_lightning.data_modules.contract import EOS, PAD
 from soma_lightning.data_modules.structure import StructureScanner, batch_structure
 from soma_lightning.errors import UserError
 from soma_lightning.generation.cuda_graph import static_decoder
 from soma_lightning.nn.decode import DecodeState
 from soma_lightning.nn.model import SomaModel
 from soma_lightning.nn.protocols import decoding, mtp_horizons, reads_structure
+from soma_lightning.vocabulary import BYTE_VOCABULARY, Vocabulary
 
 
 def dropless(model: nn.Module) -> AbstractContextManager[None]:
@@ -36,7 +36,8 @@ def dropless(model: nn.Module) -> AbstractContextManager[None]:
 class Generation:
     """`tokens`: the emitted ids per row (EOS included when emitted); `stop_reasons`: "eos",
     "max_new_tokens" or "no_allowed_token (after PROCESSOR)"; `trace`: one record per emitted token when
-    asked for; `forward_passes`, `drafted`, `accepted`: decoding statistics (drafts: speculative only)."""
+    asked for; `forward_passes`, `drafted`, `accepted`: decoding statistics (drafts: speculative only);
+    `vocabulary`: what the ids mean, which `texts` decodes them with."""
 
     tokens: list[list[int]]
     stop_reasons: list[str]
@@ -44,23 +45,24 @@ class Generation:
     forward_passes: int = 0
     drafted: int = 0
     accepted: int = 0
+    vocabulary: Vocabulary = BYTE_VOCABULARY
 
     @property
     def texts(self) -> list[str]:
-        return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in self.tokens]
+        return [self.vocabulary.decode(row) for row in self.tokens]
 
 
-def emittable(vocab_size: int, vocab_ranges: dict[str, list[int]] | None, device: torch.device) -> Tensor:
-    """The ids that may be emitted: bytes and EOS (the V1 byte contract); with a declared token space, every
-    id of its ranges but PAD."""
+def emittable(vocab_size: int, vocab_ranges: dict[str, list[int]] | None, vocabulary: Vocabulary, device: torch.device) -> Tensor:
+    """The ids that may be emitted: the vocabulary's ids [0, size) (the bytes, or the tokenizer's) and EOS,
+    never PAD nor the unused ids above; with a declared token space, every id of its ranges but PAD."""
     keep = torch.zeros(vocab_size, dtype=torch.bool, device=device)
     if vocab_ranges is None:
-        keep[:256] = True
+        keep[: vocabulary.size] = True
     else:
         for start, end in vocab_ranges.values():
             keep[start:end] = True
-        keep[PAD] = False
-    keep[EOS] = True
+        keep[vocabulary.pad] = False
+    keep[vocabulary.eos] = True
     return keep
 
 
@@ -105,7 +107,9 @@ class Decoder:
         return self.model(self.tokens, structure=structure)[:, -new.shape[1] :], []
 
 
-def speculative_decode(model: SomaModel, prompt: Tensor, max_new_tokens: int, vocab_ranges: dict[str, list[int]] | None = None) -> Generation:
+def speculative_decode(
+    model: SomaModel, prompt: Tensor, max_new_tokens: int, vocab_ranges: dict[str, list[int]] | None = None, vocabulary: Vocabulary = BYTE_VOCABULARY
+) -> Generation:
     """Greedy self-speculative decoding. At the last accepted position t the main head gives token t+1
     (exact) and the last layer's H MTP heads draft t+2..t+1+H; one pass over those 1 + H tokens verifies the
     drafts against the main head's greedy choices, keeps the longest agreeing prefix (plus the main head's
@@ -119,7 +123,8 @@ def speculative_decode(model: SomaModel, prompt: Tensor, max_new_tokens: int, vo
     if decoder.structure is not None:
         raise UserError("speculative: not supported for models with a structural attention bias (the structure scan cannot roll back)")
 
-    allowed = emittable(model.predictor.out_features, vocab_ranges, prompt.device)
+    allowed = emittable(model.predictor.out_features, vocab_ranges, vocabulary, prompt.device)
+    eos = vocabulary.eos
 
     def greedy_choices(logits: Tensor, predictions: list, last_only: bool) -> list[list[int]]:
         """[1 + H][n]: the main head's greedy ids and each MTP head's drafts at the pass's n positions (only
@@ -128,14 +133,14 @@ def speculative_decode(model: SomaModel, prompt: Tensor, max_new_tokens: int, vo
         drafts = model.predict(torch.stack([p.representations[0, at] for p in predictions[-horizons:]]))
         return torch.cat([logits[:, at], drafts]).masked_fill(~allowed, float("-inf")).argmax(dim=-1).tolist()
 
-    out = Generation(tokens=[[]], stop_reasons=["max_new_tokens"])
+    out = Generation(tokens=[[]], stop_reasons=["max_new_tokens"], vocabulary=vocabulary)
     choices = greedy_choices(*decoder.logits(prompt, mtp=True), last_only=True)
     index = 0  # the position (within the last pass's choices) of the last accepted token
     emitted = out.tokens[0]
     while len(emitted) < max_new_tokens:
         token, drafts = choices[0][index], [row[index] for row in choices[1:]]
         emitted.append(token)
-        if token == EOS:
+        if token == eos:
             out.stop_reasons[0] = "eos"
             break
         if len(emitted) == max_new_tokens:
@@ -148,10 +153,10 @@ def speculative_decode(model: SomaModel, prompt: Tensor, max_new_tokens: int, vo
         while accepted < horizons and drafts[accepted] == greedy[accepted] and len(emitted) < max_new_tokens:
             emitted.append(drafts[accepted])
             accepted += 1
-            if drafts[accepted - 1] == EOS:
+            if drafts[accepted - 1] == eos:
                 break
         out.drafted, out.accepted = out.drafted + horizons, out.accepted + accepted
-        if emitted[-1] == EOS:
+        if emitted[-1] == eos:
             out.stop_reasons[0] = "eos"
             break
         decoder.state.rollback(length + 1 + accepted)

@@ -7,21 +7,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from soma_lightning.data_modules.contract import EOS
 from soma_lightning.errors import UserError
-from soma_lightning.generation.constraints import LogitsProcessor
+from soma_lightning.generation.constraints import LogitsProcessor, TextConstraint
 from soma_lightning.generation.cuda_graph import static_blocker
 from soma_lightning.generation.decoders import Decoder, Generation, dropless, emittable, speculative_decode
 from soma_lightning.generation.trace import Stage, attention_layer, token_record
 from soma_lightning.nn.model import SomaModel
+from soma_lightning.nn.protocols import reads_structure
+from soma_lightning.vocabulary import BYTE_VOCABULARY, Vocabulary
 
 
-def as_prompt(prompt: str | bytes | list[int] | list[list[int]] | Tensor, vocab_size: int, device: torch.device) -> Tensor:
-    """A prompt as [B, T] token ids: text is encoded as UTF-8 bytes; rows must have equal lengths."""
-    if isinstance(prompt, str):
-        prompt = prompt.encode()
-    if isinstance(prompt, (bytes, bytearray)):
-        prompt = [list(prompt)]
+def as_prompt(
+    prompt: str | bytes | list[int] | list[list[int]] | Tensor, vocab_size: int, device: torch.device, vocabulary: Vocabulary = BYTE_VOCABULARY
+) -> Tensor:
+    """A prompt as [B, T] token ids: text is encoded by `vocabulary` (its UTF-8 bytes, or the tokenizer's ids);
+    rows must have equal lengths."""
+    if isinstance(prompt, bytearray):
+        prompt = bytes(prompt)
+    if isinstance(prompt, (str, bytes)):
+        prompt = [vocabulary.encode(prompt)]
     if not isinstance(prompt, Tensor):
         if prompt and not isinstance(prompt[0], (list, tuple)):
             prompt = [prompt]
@@ -56,14 +60,16 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
 def _generate(
     model: SomaModel, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int,
     processors: list[LogitsProcessor], decoding: str, trace: bool, vocab_ranges: dict[str, list[int]] | None = None,
+    vocabulary: Vocabulary = BYTE_VOCABULARY,
 ) -> Generation:
     """The sampling loop over a Decoder's `decoding` path. Without a trace, one transfer to the host per step."""
     b, prompt_length = prompt.shape
     decoder = Decoder(model, b, prompt_length + max_new_tokens, decoding, record_attention=trace)
     generator = torch.Generator(prompt.device).manual_seed(seed) if temperature > 0 else None
-    allowed = emittable(model.predictor.out_features, vocab_ranges, prompt.device)
+    allowed = emittable(model.predictor.out_features, vocab_ranges, vocabulary, prompt.device)
+    eos = vocabulary.eos
     layer = None  # the attention layer a trace reports: known after the first pass
-    out = Generation(tokens=[[] for _ in range(b)], stop_reasons=["max_new_tokens"] * b)
+    out = Generation(tokens=[[] for _ in range(b)], stop_reasons=["max_new_tokens"] * b, vocabulary=vocabulary)
     finished = [False] * b
     stopped = torch.zeros(b, dtype=torch.bool, device=prompt.device)  # `finished` on the device
     tokens, new = prompt, prompt
@@ -90,13 +96,13 @@ def _generate(
             t = chosen_ids[row]
             out.tokens[row].append(t)
             if trace:
-                out.trace.append(token_record(row, step, t, tokens, prompt_length, model_probs, sampled, stages, decoder.state, layer))
-            if t == EOS:
+                out.trace.append(token_record(row, step, t, tokens, prompt_length, model_probs, sampled, stages, decoder.state, layer, vocabulary))
+            if t == eos:
                 out.stop_reasons[row], finished[row] = "eos", True
         if all(finished):
             break
-        stopped |= dead | (chosen == EOS)
-        new = torch.where(stopped, EOS, chosen)[:, None]
+        stopped |= dead | (chosen == eos)
+        new = torch.where(stopped, eos, chosen)[:, None]
         tokens = torch.cat([tokens, new], dim=1)
     out.forward_passes = decoder.passes
     return out
@@ -117,6 +123,7 @@ def generate(
     speculative: bool = False,
     cuda_graph: bool | None = None,
     vocab_ranges: dict[str, list[int]] | None = None,
+    vocabulary: Vocabulary = BYTE_VOCABULARY,
 ) -> Generation:
     """Continue each prompt row by up to `max_new_tokens` tokens. temperature 0 is greedy; otherwise
     softmax sampling at `temperature`, restricted to the `top_k` most likely ids and the smallest set
@@ -129,14 +136,22 @@ def generate(
     `cuda_graph`: replay the cached one-token step as a CUDA graph (static caches, see cuda_graph.py);
     None: whenever the model is on CUDA, every layer supports it (`static_blocker`), and neither `trace`,
     `speculative` nor `use_cache` False asks for the eager path. `vocab_ranges`: the token space of a model
-    trained on one (its spec's `vocab_ranges`): ids of every range but PAD may be emitted; None: bytes and
-    EOS only."""
+    trained on one (its spec's `vocab_ranges`): ids of every range but PAD may be emitted; None: the
+    vocabulary's ids and EOS only. `vocabulary`: what the ids mean (the model's, `SomaLM.vocabulary`): its EOS
+    ends a row, text prompts are encoded and `texts` decoded with it; the processors that constrain bytes
+    (`TextConstraint`s) and structure scanning need the byte vocabulary."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise UserError(f"sampling: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     if trace and not use_cache:
         raise UserError("trace: provenance is recorded by the cached decoder; drop --no-cache")
+    if not vocabulary.is_bytes:
+        for processor in processors:
+            if isinstance(processor, TextConstraint):
+                raise UserError(f"{processor.name}: constrains bytes, but the vocabulary is {vocabulary.tokenizer}, whose tokens are multi-byte pieces")
+        if reads_structure(model):
+            raise UserError(f"structure_buckets: the model's structural attention bias scans bytes, but its vocabulary is {vocabulary.tokenizer}")
     device = next(model.parameters()).device
     blocker = static_blocker(model)
     if cuda_graph:
@@ -148,7 +163,10 @@ def generate(
             raise UserError(f"cuda_graph: {blocker} has no static decoding (see soma_lightning/generation/cuda_graph.py); use the eager cache")
     elif cuda_graph is None:
         cuda_graph = device.type == "cuda" and use_cache and not trace and not speculative and blocker is None
-    prompt = as_prompt(prompt_tokens, model.predictor.out_features, device)
+    vocab_size = model.predictor.out_features
+    if max(vocabulary.pad, vocabulary.eos) >= vocab_size:
+        raise UserError(f"vocabulary: {vocabulary.tokenizer} needs ids up to {max(vocabulary.pad, vocabulary.eos)} (its PAD and EOS), the model has {vocab_size}")
+    prompt = as_prompt(prompt_tokens, vocab_size, device, vocabulary)
     was_training = model.training
     model.eval()
     try:
@@ -156,8 +174,8 @@ def generate(
             if speculative:
                 if temperature != 0 or processors or trace or not use_cache or prompt.shape[0] != 1:
                     raise UserError("speculative: needs greedy decoding (temperature 0), one prompt row, the cache, no processors and no trace")
-                return speculative_decode(model, prompt, max_new_tokens, vocab_ranges)
+                return speculative_decode(model, prompt, max_new_tokens, vocab_ranges, vocabulary)
             decoding = "graph" if cuda_graph else "cache" if use_cache else "recompute"
-            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), decoding, trace, vocab_ranges)
+            return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, list(processors), decoding, trace, vocab_ranges, vocabulary)
     finally:
         model.train(was_training)

@@ -1,6 +1,6 @@
 """Per-token provenance traces: for every emitted token its probability, what each logits processor did, and
 where the last attention layer looked (for SOSM also the query's semantic-graph edges); written as JSON
-lines."""
+lines. A token is shown as its byte (`"byte"`) or, for a tokenizer's id, its text piece (`"piece"`)."""
 
 import json
 from pathlib import Path
@@ -8,10 +8,10 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from soma_lightning.checkpoint_io import atomic_write
-from soma_lightning.data_modules.contract import EOS
 from soma_lightning.nn.decode import DecodeState
 from soma_lightning.nn.model import SomaModel
 from soma_lightning.nn.semantic_graph import EDGE_TYPES
+from soma_lightning.vocabulary import Vocabulary
 
 TOP_POSITIONS = 5  # prompt positions listed per emitted token
 Stage = tuple[str, Tensor, Tensor]  # a processor's name and the logits [B, V] before and after it
@@ -30,11 +30,21 @@ def _finite(x: Tensor) -> float | None:
     return float(x) if x.isfinite() else None
 
 
-def _byte(t: int) -> str:
-    return bytes([t]).decode("latin-1") if t < 256 else "<EOS>" if t == EOS else f"<{t}>"
+def _shown(vocabulary: Vocabulary, t: int) -> dict[str, str]:
+    """Token `t` for a reader: its byte (latin-1), or the tokenizer's text of it alone; EOS and other ids
+    outside the vocabulary in angle brackets."""
+    if t == vocabulary.eos:
+        text = "<EOS>"
+    elif not 0 <= t < vocabulary.size:
+        text = f"<{t}>"
+    elif vocabulary.is_bytes:
+        text = bytes([t]).decode("latin-1")
+    else:
+        text = vocabulary.decode([t])
+    return {"byte" if vocabulary.is_bytes else "piece": text}
 
 
-def _provenance(state: DecodeState, layer: Layer | None, row: int, tokens: Tensor, prompt_length: int) -> dict:
+def _provenance(state: DecodeState, layer: Layer | None, row: int, tokens: Tensor, prompt_length: int, vocabulary: Vocabulary) -> dict:
     """The attention (mean over heads) of the newest query of `row` in the last attention layer: its top
     prompt positions; for SOSM also the query's graph edges."""
     out: dict = {}
@@ -45,14 +55,14 @@ def _provenance(state: DecodeState, layer: Layer | None, row: int, tokens: Tenso
             "layer": layer[0],
             "heads": "mean",
             "top_prompt_positions": [
-                {"position": j, "byte": _byte(int(tokens[row, j])), "weight": round(w, 6)} for w, j in zip(top.values.tolist(), top.indices.tolist())
+                {"position": j, **_shown(vocabulary, int(tokens[row, j])), "weight": round(w, 6)} for w, j in zip(top.values.tolist(), top.indices.tolist())
             ],
         }
     if state.graph is not None:
         edges = []
         for j, kind in zip(state.graph.neighbors[row, -1].tolist(), state.graph.edge_type[row, -1].tolist()):
             if j >= 0:
-                edge = {"position": j, "byte": _byte(int(tokens[row, j])), "type": EDGE_TYPES[kind]}
+                edge = {"position": j, **_shown(vocabulary, int(tokens[row, j])), "type": EDGE_TYPES[kind]}
                 if weights is not None:
                     edge["weight"] = round(float(weights[j]), 6)
                 edges.append(edge)
@@ -62,24 +72,24 @@ def _provenance(state: DecodeState, layer: Layer | None, row: int, tokens: Tenso
 
 def token_record(
     row: int, step: int, token: int, tokens: Tensor, prompt_length: int, model_probs: Tensor, sampled: Tensor,
-    stages: list[Stage], state: DecodeState, layer: Layer | None,
+    stages: list[Stage], state: DecodeState, layer: Layer | None, vocabulary: Vocabulary,
 ) -> dict:
     """The trace record of `token`, emitted in `row` at `step` after `tokens` [B, T]: its probability under
     the model (`model_probs`) and under the distribution it was drawn from (`sampled`), each processor's
-    decision, and its provenance."""
+    decision, and its provenance; tokens shown as `vocabulary` reads them."""
     return {
         "row": row,
         "step": step,
         "position": tokens.shape[1],
         "token": token,
-        "byte": _byte(token),
+        **_shown(vocabulary, token),
         "probability": round(float(model_probs[row, token]), 6),
         "sampling_probability": round(float(sampled[row, token]), 6),
         "constraints": [
             {"name": name, "allowed": int(after[row].isfinite().sum()), "logit_before": _finite(before[row, token]), "logit_after": _finite(after[row, token])}
             for name, before, after in stages
         ],
-    } | _provenance(state, layer, row, tokens, prompt_length)
+    } | _provenance(state, layer, row, tokens, prompt_length, vocabulary)
 
 
 def write_trace(path: str | Path, records: list[dict]) -> None:
