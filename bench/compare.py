@@ -10,7 +10,9 @@ its pretrain script does). Dropout is set to `--dropout` everywhere (litgpt's GP
 (tokens/s, TFLOP/s, MFU against the GPU's dense bf16 peak, peak memory) and writes JSON. FLOPs per token:
 the spec's analytic count (soma_lightning.measure), and the 6N + 12*L*D*T convention for comparison with
 published MFU figures. `--runs trainer_float8` is the Trainer path with `--model.float8 true` (torchao's
-float8 Linear layers; needs the float8 extra and an H100).
+float8 Linear layers; needs the float8 extra and an H100). Our runs try attention kernels in the order
+`soma-lightning fit` sets (SDPA_PRIORITY: cuDNN first); `trainer_flash` is the Trainer with torch's default
+order (flash first), and litgpt keeps torch's default.
 """
 
 import argparse
@@ -23,12 +25,14 @@ from functools import partial
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soma_lightning import build_model, load_spec
 from soma_lightning.callbacks.throughput import device_peak_flops
 from soma_lightning.data_modules import PAD, ByteCorpus
 from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, train_flops_per_token
+from soma_lightning.nn.ops.attention.backends import SDPA_PRIORITY
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 
 from timing import PROFILED_STEPS, kernel_profile
@@ -136,10 +140,23 @@ def litgpt_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool 
     return _loop(model, loss_of, data, steps, profile)
 
 
+def sdpa_order(run, order: list[SDPBackend]):
+    """`run` with scaled_dot_product_attention trying its kernels in `order`."""
+
+    def wrapped(*args, **kwargs) -> Run:
+        with sdpa_kernel(order, set_priority=True):
+            return run(*args, **kwargs)
+
+    return wrapped
+
+
+TORCH_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]  # torch's default
+
 RUNS = {
-    "trainer": ("soma-lightning Trainer", lightning_run),
-    "trainer_float8": ("soma-lightning, float8", partial(lightning_run, float8=True)),
-    "plain": ("plain PyTorch loop", plain_run), "litgpt": ("litgpt GPT", litgpt_run),
+    "trainer": ("soma-lightning Trainer", sdpa_order(lightning_run, SDPA_PRIORITY)),
+    "trainer_flash": ("Trainer, torch's SDPA order", sdpa_order(lightning_run, TORCH_ORDER)),
+    "trainer_float8": ("soma-lightning, float8", sdpa_order(partial(lightning_run, float8=True), SDPA_PRIORITY)),
+    "plain": ("plain PyTorch loop", sdpa_order(plain_run, SDPA_PRIORITY)), "litgpt": ("litgpt GPT", litgpt_run),
 }
 
 

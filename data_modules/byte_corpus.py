@@ -136,6 +136,12 @@ def data_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
     return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
 
 
+def pin_memory(trainer: L.Trainer | None) -> bool:
+    """Whether batches should be collated into pinned memory: on a GPU, a copy from pageable memory makes the
+    host wait for everything queued on the device, once per batch; from pinned memory it is asynchronous."""
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
 class RandomWindows(IterableDataset):
     """An endless stream of training batches. Global batch b is a deterministic function of (seed, b):
     world_size * batch_size windows drawn with numpy's generator seeded with [seed, b] (with several streams,
@@ -357,11 +363,11 @@ class ByteCorpus(L.LightningDataModule):
         windows = RandomWindows(
             self.train_streams, self.seq_len, self.batch_size, self.seed, *data_position(self.trainer), self.annotations, weights, self.vocabulary.pad, self.vocabulary.eos,
         )
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory(self.trainer))
 
     def _chunks(self, streams: list[Stream]) -> DataLoader:
         chunks = ConcatDataset([ContractChunks(s, self.val_seq_len, self.annotations, self.vocabulary.pad, self.vocabulary.eos) for s in streams])
-        return DataLoader(chunks, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return DataLoader(chunks, batch_size=self.val_batch_size, num_workers=self.num_workers, pin_memory=pin_memory(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self._chunks(self.val_streams)

@@ -7,7 +7,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows, data_position, require_num_workers, require_positive
+from soma_lightning.data_modules.byte_corpus import DataError, RandomWindows, data_position, pin_memory, require_num_workers, require_positive
 from soma_lightning.data_modules.prepare import FORMATS, Source, prepare_corpus
 from soma_lightning.data_modules.shards import Shards
 from soma_lightning.data_modules.tokenizers import AudioConfig, ImageConfig
@@ -92,9 +92,9 @@ class MultimodalCorpus(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Starts at the data position: after resuming at step N, the batch an uninterrupted run would draw next."""
         windows = self._windows("train", self.batch_size, self.seed, *data_position(self.trainer))
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         _, rank, world = data_position(self.trainer)
         windows = self._windows("val", self.val_batch_size, self.seed + 1, 0, rank, world)
-        return DataLoader([windows.batch(b) for b in range(self.val_batches)], batch_size=None)
+        return DataLoader([windows.batch(b) for b in range(self.val_batches)], batch_size=None, pin_memory=pin_memory(self.trainer))

@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torchmetrics import MeanMetric, Metric
 
 from soma_lightning.float8 import convert_blocks_to_float8, require_torchao
@@ -21,6 +22,11 @@ from soma_lightning.vocabulary import BYTE_PAD, check_tokenizer_file, vocabulary
 TOKENIZER_SHA256 = "tokenizer_sha256"  # the checkpoint key of the model's tokenizer file's SHA-256 (none for bytes)
 
 Batch = dict[str, torch.Tensor]
+
+
+def _grad_scaler(trainer: L.Trainer) -> torch.amp.GradScaler | None:
+    """fp16 mixed precision's loss scaler; None under every other precision."""
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 class RangeCE(Metric):
@@ -176,7 +182,7 @@ class SomaLM(L.LightningModule):
         reps, mtp = self.model.encode_with_mtp(*self._inputs(batch))
         ce = self._ce(reps, batch["targets"])
         noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
-        sig = sigreg_statistic(reps, noise.to(self.device), self.sigreg.t_max, self.sigreg.points)
+        sig = sigreg_statistic(reps, self._to_device(noise), self.sigreg.t_max, self.sigreg.points)
         loss = ce + self.sigreg.coefficient * sig
         metrics = {"train/ce": ce, "train/sigreg": sig}
         by_horizon: dict[int, list[torch.Tensor]] = {}
@@ -190,9 +196,16 @@ class SomaLM(L.LightningModule):
             loss = loss + value
         metrics |= {f"train/{name}": value for name, value in (aux_losses | aux_metrics).items()}
         self.log_dict(metrics, sync_dist=True)  # the mean over ranks: the global batch's value under data parallelism
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log(f"train/{self.bits_metric}", ce / math.log(2), prog_bar=True, sync_dist=True)
+        # Not prog_bar: Lightning would read them back from the device after every step (callbacks/progress_bar.py
+        # shows them as last logged instead).
+        self.log("train/loss", loss, sync_dist=True)
+        self.log(f"train/{self.bits_metric}", ce / math.log(2), sync_dist=True)
         return loss
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the module's device. To a GPU through pinned memory, asynchronously: a copy from
+        pageable memory makes the host wait for everything queued on the device."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         after_train_batch(self.model)
@@ -243,6 +256,16 @@ class SomaLM(L.LightningModule):
         nll = target_nll(self.model.predict(self.model.encode(*self._inputs(batch))), batch["targets"], self.vocabulary.pad)
         return {"nll": nll.sum(dim=1), "n_tokens": (batch["targets"] != self.vocabulary.pad).sum(dim=1)}
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning refuses to clip for a fused optimizer under any mixed precision, because with fp16 the fused
+        step unscales the gradients itself, after clipping would have seen them scaled. bf16 has no scaler: the
+        gradients are already true, so they are clipped as under full precision and AdamW stays fused."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and _grad_scaler(self.trainer) is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm")
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         o = self.optim
         decay, no_decay = [], []
@@ -251,8 +274,8 @@ class SomaLM(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=o.betas, eps=o.eps,
-            # Lightning refuses gradient clipping with a fused optimizer under mixed precision.
-            fused=self.device.type == "cuda" and not self.trainer.gradient_clip_val,
+            # fp16's GradScaler cannot unscale before clipping when the fused step unscales itself (configure_gradient_clipping).
+            fused=self.device.type == "cuda" and not (self.trainer.gradient_clip_val and _grad_scaler(self.trainer) is not None),
         )
         total = max(self.trainer.max_steps, 1) if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
 

@@ -278,3 +278,64 @@ def test_cuda_graph_decoding_equals_the_eager_cache_in_float32_and_under_autocas
     assert second.tokens == first.tokens
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _first_divergence_is_a_near_tie(model, prompt, first.tokens, eager.tokens)
+
+
+@cuda
+@pytest.mark.parametrize("action", ["skip", "stop"])
+def test_nonfinite_guard_skips_on_the_device_and_never_waits_for_it_on_clean_steps(tmp_path, action):
+    """SomaLM's fused AdamW through a real Trainer, NaN in one module's output at BAD_STEP (test_nonfinite.py): the
+    step is skipped on the device and reported a step later; "stop" checkpoints the last finite weights. Each hook
+    but the one that reads the bad step back (and replays it) runs (1) under sync debug mode "error", which raises
+    on the syncs torch routes through its check: .item(), bool(), nonzero, synchronous copies, stream and device
+    synchronize, but not event waits, torch.distributed or allocator calls; (2) behind a long GPU sleep: the sleep
+    still running after the hook shows that the hook did not wait for the queue, by any call (the guard's own
+    event wait, on the previous step's event, included)."""
+    import lightning as L
+
+    from soma_lightning.callbacks.nonfinite import NonFiniteGuard
+    from test_nonfinite import BAD_STEP, RIGGED, Snapshots, batch_rigged_lm, loader, same, weights
+
+    class Watched(NonFiniteGuard):
+        def __init__(self) -> None:
+            super().__init__(action=action)
+            self.gpu_busy: dict[int, bool] = {}
+            self.found_inf: dict[int, torch.Tensor] = {}
+
+        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+            step = trainer.global_step
+            if step == BAD_STEP + 1:
+                return super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            torch.cuda._sleep(200_000_000)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            self.gpu_busy[step] = not torch.cuda.current_stream().query()
+            self.found_inf[step] = optimizer.found_inf
+
+    lm, guard, snapshots = batch_rigged_lm("output"), Watched(), Snapshots()
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, callbacks=[guard, snapshots], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(lm, loader())
+    adam = trainer.optimizers[0]
+    assert all(group["fused"] for group in adam.param_groups) and not hasattr(adam, "found_inf")
+    watched = [0, BAD_STEP, 3] if action == "skip" else [0, BAD_STEP]
+    # Not at step 0: a first call may synchronise in CUDA itself (lazy kernel loading, the first pinned host block).
+    assert sorted(guard.gpu_busy) == watched and all(busy for step, busy in guard.gpu_busy.items() if step > 0)
+    assert {step: float(flag) for step, flag in guard.found_inf.items()} == {step: float(step == BAD_STEP) for step in watched}
+    report = guard.last_report
+    assert report["step"] == BAD_STEP and report["module"] == RIGGED and guard.skipped == 1
+    before = snapshots.before
+    assert same(before[BAD_STEP], before[BAD_STEP + 1])
+    steps = {float(adam.state[p]["step"]) for p in lm.model.parameters()}
+    if action == "skip":
+        assert trainer.global_step == 4 and steps == {3.0}
+    else:
+        assert trainer.global_step == BAD_STEP + 2 and steps == {float(BAD_STEP)}
+        ckpt = torch.load(tmp_path / "checkpoints" / f"nonfinite-step={BAD_STEP}.ckpt", weights_only=True)
+        last_finite = {k: v.cpu() for k, v in before[BAD_STEP].items()}  # the Trainer hands the model back on the CPU
+        saved = {k.removeprefix("model."): v.cpu() for k, v in ckpt["state_dict"].items()}
+        assert same(saved, last_finite) and same(weights(lm), last_finite)

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn.attention import sdpa_kernel
 
 from soma_lightning.callbacks import NonFiniteGuard, PreemptionCheckpoint, RunInfo
 from soma_lightning.callbacks.final_validation import FinalValidation
@@ -31,6 +32,7 @@ from soma_lightning.config_files import check_config_keys
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.errors import TrainingStopped, UserError
 from soma_lightning.lm import SomaLM
+from soma_lightning.nn.ops.attention.backends import SDPA_PRIORITY
 from soma_lightning.safe_unpickling import restricted_unpickling
 
 TRAINING_COMMANDS = {
@@ -279,7 +281,7 @@ def cli_main(args: list[str] | None = None) -> None:
     for message in UNDERSTOOD_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advertisement)
-    with restricted_unpickling():
+    with restricted_unpickling(), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         SomaCLI(
             SomaLM,
             L.LightningDataModule,

@@ -54,6 +54,9 @@ class MultiHeadAttention(nn.Module):
             y = causal_attention_reference(q, k, v, self.dropout if self.training else 0.0)
         return self.output(y.transpose(1, 2).reshape(b, t, d))
 
+    def prepare_context(self, ctx: SequenceContext) -> None:
+        ctx.rope(self.head_dim, self.rope_base, self.rope_scale)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs: the four projections, plus QK^T and AV over the (seq_len+1)/2 keys a causal query sees."""
         d = self.query.in_features

@@ -20,7 +20,7 @@ class SequenceContext:
     mtp: list | None = None  # where MTP heads put their predictions (training); None skips the heads
     decode: DecodeState | None = None  # incremental decoding: the tokens are the newest of the sequence it holds
 
-    # Built once per forward pass, on first use:
+    # Built once per forward pass, before the blocks run (protocols.PreparesContext) or else on first use:
     rope_tables: dict[tuple[int, float, float], tuple[Tensor, Tensor]] = field(default_factory=dict)  # by (head_dim, base, scale_factor)
     flex_block_masks: dict[tuple[int | None, int | None], BlockMask] = field(default_factory=dict)  # by (window, global_stride)
     structure_buckets: dict[tuple[int, int | None, int | None], Tensor] = field(default_factory=dict)  # by (buckets, window, global_stride)

@@ -98,6 +98,10 @@ class GatedDeltaNet(nn.Module):
         o = o * self.gate_proj(x).unflatten(-1, (self.num_v_heads, self.v_head_dim)).sigmoid()
         return self.out_proj(o.flatten(-2))
 
+    def prepare_context(self, ctx: SequenceContext) -> None:
+        if ctx.decode is None:
+            document_resets(ctx)
+
     def _continue(self, inputs: Tensor, g: Tensor, beta: Tensor, state: DecodeState) -> Tensor:
         """Incremental decoding in PyTorch: the convolution over the cached last inputs and the new ones, the
         delta rule from the cached state; step by step (the reference recurrence) for one token or when

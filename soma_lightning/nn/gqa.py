@@ -90,9 +90,18 @@ class GroupedQueryAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
+        self._require_structure(ctx)
+        return self.backend(q, k, v, ctx, self.structure_bias, self.dropout if self.training else 0.0)
+
+    def _require_structure(self, ctx: SequenceContext) -> None:
         if self.structure_bias is not None and ctx.structure is None:
             raise ValueError("structure_buckets is set, but the batch carries no `structure` (data.init_args.structure: true)")
-        return self.backend(q, k, v, ctx, self.structure_bias, self.dropout if self.training else 0.0)
+
+    def prepare_context(self, ctx: SequenceContext) -> None:
+        ctx.rope(self.head_dim, self.rope_base)
+        if ctx.decode is None:
+            self._require_structure(ctx)
+            self.backend.prepare(ctx, self.structure_bias, self.dropout if self.training else 0.0)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
         """The new positions' queries against the cached keys (the KV heads only), under the same pattern

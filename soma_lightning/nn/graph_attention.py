@@ -94,6 +94,19 @@ def graph_score_mod(neighbors: Tensor, edge_type: Tensor, edge_bias: Tensor):
     return score_mod
 
 
+def _graph(ctx: SequenceContext):
+    if ctx.semantic_graph is None:
+        raise RuntimeError("GraphAttention needs ctx.semantic_graph: build the semantic graph before the layers run")
+    return ctx.semantic_graph
+
+
+def _flex_block_mask(ctx: SequenceContext):
+    """The graph's block mask, built once per forward pass and shared by the layers."""
+    if ctx.semantic_graph_block_mask is None:
+        ctx.semantic_graph_block_mask = graph_block_mask(_graph(ctx).neighbors)
+    return ctx.semantic_graph_block_mask
+
+
 class GraphAttention(nn.Module):
     """Multi-head attention along the edges of `ctx.semantic_graph` (put there by the model before
     the layers run), RoPE on q/k, plus a learned bias per (head, edge type), zero at the start. impl "auto"
@@ -131,9 +144,7 @@ class GraphAttention(nn.Module):
         self.last_edges_per_token: Tensor | float = 16.0
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
-        graph = ctx.semantic_graph
-        if graph is None:
-            raise RuntimeError("GraphAttention needs ctx.semantic_graph: build the semantic graph before the layers run")
+        graph = _graph(ctx)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim)
@@ -150,10 +161,8 @@ class GraphAttention(nn.Module):
                 dense = weights[0].new_zeros(b, self.num_heads, t, k.shape[2] + 1).scatter_(-1, columns, weights[0])
                 ctx.decode.attention[self] = dense[..., :-1]
         elif self.impl == "flex":
-            if ctx.semantic_graph_block_mask is None:
-                ctx.semantic_graph_block_mask = graph_block_mask(graph.neighbors)
             score_mod = graph_score_mod(graph.neighbors, graph.edge_type.clamp(min=0), self.edge_bias)
-            y = flex(q, k, v, ctx.semantic_graph_block_mask, score_mod, FLEX_BACKWARD_TILES)
+            y = flex(q, k, v, _flex_block_mask(ctx), score_mod, FLEX_BACKWARD_TILES)
         elif self.impl == "reference":
             mask, bias = dense_graph(graph.neighbors, slot_bias(self.edge_bias, graph.edge_type))
             y = masked_attention_reference(q, k, v, mask, bias, self.dropout if self.training else 0.0)
@@ -161,6 +170,11 @@ class GraphAttention(nn.Module):
             bias = slot_bias(self.edge_bias, graph.edge_type)
             y = gather_attention(q, k, v, graph.neighbors, bias, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def prepare_context(self, ctx: SequenceContext) -> None:
+        ctx.rope(self.head_dim, self.rope_base)
+        if self.impl == "flex" and ctx.decode is None:
+            _flex_block_mask(ctx)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections plus QK^T and AV over the edges per query of the last graph seen (16 before any)."""

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import DecodeState
 from soma_lightning.nn.mtp import MTPPrediction, SequentialMTP
-from soma_lightning.nn.protocols import lookback, mtp_horizons
+from soma_lightning.nn.protocols import lookback, mtp_horizons, prepare_context
 
 
 @dataclass
@@ -59,8 +59,9 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The blocks in order. `activation_checkpointing`: keep only each block's input for backward and
-    recompute the block there (less memory, about one more forward of compute)."""
+    """The blocks in order, after their modules have built the values of the context that the layers share
+    (`prepare_context`). `activation_checkpointing`: keep only each block's input for backward and recompute
+    the block there (less memory, about one more forward of compute)."""
 
     def __init__(self, layers: list[Block]) -> None:
         super().__init__()
@@ -71,6 +72,7 @@ class Encoder(nn.Module):
         """The stream after the last block. The blocks' MTP predictions are added to `ctx.mtp` after the last
         block: FSDP2 hands a block a rebuilt copy of any input that holds tensors needing gradients, so a
         context holding predictions would be copied for every later block."""
+        prepare_context(self, ctx)
         predictions = []
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():

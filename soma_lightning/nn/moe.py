@@ -17,13 +17,55 @@ from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
 
 
-def expert_loop(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, swiglu: bool) -> Tensor:
-    """Reference: rows of x are sorted by expert, counts[e] rows for expert e; one matmul pair per expert."""
+@torch.library.custom_op("soma_lightning::segment_mm", mutates_args=())
+def segment_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of x [N, K] grouped by segment, counts[e] rows for segment e; w [E, K, M] -> [N, M], one matmul per
+    segment. An opaque op to torch.compile: reading the counts on the host inside it neither breaks the graph
+    nor makes the shapes depend on the routing."""
     outputs, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        outputs.append(_activate(x[start : start + n] @ w_in[e], swiglu) @ w_out[e])
+        outputs.append(x[start : start + n] @ w[e])
         start += n
     return torch.cat(outputs)
+
+
+@segment_mm.register_fake
+def _(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("soma_lightning::segment_mm_weight_grad", mutates_args=())
+def segment_mm_weight_grad(x: Tensor, grad: Tensor, counts: Tensor) -> Tensor:
+    """The gradient of `segment_mm`'s w: x[rows of e]^T @ grad[rows of e] per segment -> [E, K, M]."""
+    grads, start = [], 0
+    for n in counts.tolist():
+        grads.append(x[start : start + n].mT @ grad[start : start + n])
+        start += n
+    return torch.stack(grads)
+
+
+@segment_mm_weight_grad.register_fake
+def _(x: Tensor, grad: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+
+
+def _segment_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _segment_mm_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    x, w, counts = ctx.saved_tensors
+    grad_x = segment_mm(grad, w.mT, counts) if ctx.needs_input_grad[0] else None
+    grad_w = segment_mm_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
+
+
+def expert_loop(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, swiglu: bool) -> Tensor:
+    """Reference: rows of x are sorted by expert, counts[e] rows for expert e; one matmul pair per expert."""
+    return segment_mm(_activate(segment_mm(x, w_in, counts), swiglu), w_out, counts)
 
 
 def expert_grouped(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, swiglu: bool) -> Tensor:
@@ -117,20 +159,21 @@ class MoE(nn.Module):
         expert_flat = expert.reshape(-1)  # assignment a = token * k + slot, in position-major order
         slots = expert_flat[:, None] == torch.arange(self.num_experts, device=x.device)  # [N * k, E]
         assigned = slots.sum(dim=0)  # not bincount: on CUDA it reads the maximum back to the host
-        kept = torch.argsort(expert_flat, stable=True)  # grouped by expert, earlier assignments first
-        kept_counts = assigned
+        order = torch.argsort(expert_flat, stable=True)  # grouped by expert, earlier assignments first
+        gate = weight.reshape(-1)
         keep = torch.ones_like(expert_flat, dtype=torch.bool)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * expert_flat.numel() / self.num_experts)
             rank = (slots.cumsum(dim=0) * slots).sum(dim=-1) - 1  # earlier assignments rank first
             keep = rank < capacity
-            kept = kept[keep[kept]]
-            kept_counts = (slots & keep[:, None]).sum(dim=0)
-        token = kept // self.top_k
+            # A dropped assignment keeps its row with gate 0 rather than leaving the rows: shapes that follow
+            # the routing would make torch.compile break the graph and recompile for every batch.
+            gate = torch.where(keep, gate, 0.0)
+        token = order // self.top_k
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        y = self._experts(flat[token].to(dtype), kept_counts)
-        out = torch.zeros_like(flat).index_add_(0, token, (y * weight.reshape(-1)[kept].unsqueeze(-1)).to(flat.dtype))
+        y = self._experts(flat[token].to(dtype), assigned)
+        out = torch.zeros_like(flat).index_add_(0, token, (y * gate[order].unsqueeze(-1)).to(flat.dtype))
         for w_in, w_out in zip(self.shared_in, self.shared_out) if self.shared_in is not None else ():
             out = out + (_activate(flat.to(dtype) @ w_in.to(dtype), self.swiglu) @ w_out.to(dtype)).to(flat.dtype)
 

@@ -26,6 +26,7 @@ brackets gives the default. The protocols are structural: a user's module joins 
     supports_static_decode()     its decode step can be a CUDA graph          [supports_static_decode: False]
     reads_structure()            reads ctx.structure                          [reads_structure: False]
     decoding()                   switches to what cached decoding reproduces  [decoding: no change]
+    prepare_context(ctx)         builds the shared values of ctx it reads     [prepare_context: nothing]
 """
 
 import functools
@@ -123,6 +124,15 @@ class ReadsStructure(Protocol):
 
 
 @runtime_checkable
+class PreparesContext(Protocol):
+    def prepare_context(self, ctx) -> None:
+        """Build the values of the SequenceContext that its forward reads and other layers share (RoPE tables,
+        attention masks), as its forward would on first use. The encoder calls it before the blocks run, so
+        that every block finds them built: one compiled graph then serves all the blocks of one kind, where a
+        block that built them would need a graph of its own."""
+
+
+@runtime_checkable
 class DecodeMode(Protocol):
     def decoding(self) -> AbstractContextManager[None]:
         """For the duration, compute the function that cached decoding can reproduce, where training computes
@@ -198,6 +208,12 @@ def supports_static_decode(module: nn.Module) -> bool:
 def reads_structure(model: nn.Module) -> bool:
     """Whether any module of `model` reads ctx.structure."""
     return any(m.reads_structure() for m in model.modules() if _provides(m, ReadsStructure))
+
+
+def prepare_context(model: nn.Module, ctx) -> None:
+    for m in model.modules():
+        if _provides(m, PreparesContext):
+            m.prepare_context(ctx)
 
 
 @contextmanager

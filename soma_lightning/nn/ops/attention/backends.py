@@ -3,17 +3,25 @@
 Each computes the masks.py pattern for q [B, H, T, D] against k, v [B, Hkv, T, D] (Hkv dividing H), plus the
 structural bias when `table` [H, buckets] is given (ctx.structure then holds the spans), with attention
 dropout `dropout_p` (0 outside training) where `supports_dropout`. They keep what several layers of one
-forward pass can share in ctx.flex_block_masks and ctx.structure_buckets.
+forward pass can share in ctx.flex_block_masks and ctx.structure_buckets, built by `prepare` before the blocks
+run (or on first use when nothing prepared them).
 """
 
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.ops.attention.flex import block_mask, flex, with_global_keys
 from soma_lightning.nn.ops.attention.masks import dense_mask
 from soma_lightning.nn.ops.attention.reference import masked_attention_reference
 from soma_lightning.nn.ops.attention.structure_bias import flex_with_structure_bias, structure_bias, structure_buckets
+
+
+# scaled_dot_product_attention's kernels in the order training tries them (`soma-lightning fit` sets it for the
+# whole run): cuDNN first, which at SOMA V1's head dim 256 takes 1.14 ms per forward+backward against flash's
+# 1.72 (bench/attention.py, docs/benchmarks.md); a kernel that cannot take the inputs is passed over for the next.
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class AttentionBackend:
@@ -26,6 +34,9 @@ class AttentionBackend:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> Tensor:
         raise NotImplementedError
+
+    def prepare(self, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> None:
+        """Build the values of ctx that a call with these arguments reads and other layers share."""
 
     def plain_causal(self, ctx: SequenceContext, table: Tensor | None) -> bool:
         """Whether the pattern is causal attention over the whole window, without bias."""
@@ -69,20 +80,21 @@ class FlexBackend(AttentionBackend):
     def __call__(self, q, k, v, ctx, table, dropout_p):
         if dropout_p:
             raise ValueError(f"dropout: FlexAttention has no attention dropout, got {dropout_p}")
-        key = (self.window, self.global_stride)
-        if key not in ctx.flex_block_masks:
-            ctx.flex_block_masks[key] = block_mask(q.shape[2], self.window, self.global_stride, ctx.doc_ids, q.device)
-        mask = ctx.flex_block_masks[key]
+        self.prepare(ctx, table, dropout_p)
+        mask = ctx.flex_block_masks[(self.window, self.global_stride)]
         if table is not None:
-            n = table.shape[1]
-            buckets_key = (n, self.window, self.global_stride)
-            if buckets_key not in ctx.structure_buckets:
-                ctx.structure_buckets[buckets_key] = structure_buckets(ctx.structure, n, self.window, self.global_stride)
-            buckets = ctx.structure_buckets[buckets_key]
+            buckets = ctx.structure_buckets[(table.shape[1], self.window, self.global_stride)]
             return flex_with_structure_bias(q, k, v, mask, table, buckets, ctx.doc_ids, self.window, self.global_stride)
         if self.global_stride is not None:
             k, v = with_global_keys(k, self.global_stride), with_global_keys(v, self.global_stride)
         return flex(q, k, v, mask)
+
+    def prepare(self, ctx, table, dropout_p):
+        key = (self.window, self.global_stride)
+        if key not in ctx.flex_block_masks:
+            ctx.flex_block_masks[key] = block_mask(ctx.positions.shape[1], *key, ctx.doc_ids, ctx.positions.device)
+        if table is not None and (table.shape[1], *key) not in ctx.structure_buckets:
+            ctx.structure_buckets[(table.shape[1], *key)] = structure_buckets(ctx.structure, table.shape[1], *key)
 
 
 class AutoBackend(AttentionBackend):
@@ -95,10 +107,14 @@ class AutoBackend(AttentionBackend):
         self.sdpa, self.flex = SDPABackend(window, global_stride), FlexBackend(window, global_stride)
 
     def pick(self, q: Tensor, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> AttentionBackend:
+        """The backend for queries `q` (any tensor on their device)."""
         return self.flex if q.is_cuda and not self.plain_causal(ctx, table) and not dropout_p else self.sdpa
 
     def __call__(self, q, k, v, ctx, table, dropout_p):
         return self.pick(q, ctx, table, dropout_p)(q, k, v, ctx, table, dropout_p)
+
+    def prepare(self, ctx, table, dropout_p):
+        self.pick(ctx.positions, ctx, table, dropout_p).prepare(ctx, table, dropout_p)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"auto": AutoBackend, "sdpa": SDPABackend, "flex": FlexBackend, "reference": ReferenceBackend}

@@ -19,7 +19,9 @@ from torch import Tensor
 
 @triton.jit
 def _bucket_sums(acc, q, k, v, do, lse, delta, valid, bucket_ptrs, table_row, scale, NB: tl.constexpr, NB_POW2: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    # Under torch.compile, inductor launches this kernel with `scale` as a float64 scalar: back to float32, or
+    # the sums below turn float64 and the loops' accumulator changes type.
+    s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
     bucket = tl.load(bucket_ptrs, mask=valid, other=0).to(tl.int32)
     s += tl.load(table_row + bucket)
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
