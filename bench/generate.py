@@ -31,6 +31,7 @@ import torch
 import soma_lightning
 from soma_lightning import build_model, load_spec
 from soma_lightning.generation import generate, static_blocker
+from soma_lightning.hf_format import HFFormatError, to_transformers
 from soma_lightning.nn.gqa import GroupedQueryAttention
 
 FULL = {"V1": "specs/soma_v1.yaml", "MoE": "specs/gpt5_moe.yaml", "hybrid": "specs/hybrid_small.yaml"}
@@ -85,31 +86,17 @@ def cache_table(specs: dict, contexts: list[int], new_tokens: int, device: str, 
     return rows
 
 
-def neox_like(spec_path: str, context: int, device: str, dtype: torch.dtype):
-    """A transformers GPT-NeoX model of the V1 spec's shape (random weights), or the reason it cannot be built."""
-    try:
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    except ImportError as e:
-        return None, f"transformers is not installed ({e})"
-    spec = load_spec(spec_path)
-    layer = spec.blocks[next(iter(spec.blocks))]
-    mixer, ffn = layer[0]["mixer"], layer[1]["ffn"]
-    config = GPTNeoXConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers, num_attention_heads=mixer["num_heads"],
-        intermediate_size=ffn["hidden_dim"], hidden_act="gelu", rotary_pct=1.0, rotary_emb_base=mixer.get("rope_base", 10000.0),
-        max_position_embeddings=context, use_parallel_residual=False, layer_norm_eps=1e-5, tie_word_embeddings=False,
-        attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=256,
-    )
-    return GPTNeoXForCausalLM(config).to(device=device, dtype=dtype).eval(), None
-
-
 def hf_table(spec_path: str, context: int, new_tokens: int, batches: list[int], device: str, dtype: torch.dtype) -> list[dict]:
-    hf, reason = neox_like(spec_path, context, device, dtype)
-    if hf is None:
-        print(f"skipped: {reason}")
-        return [{"skipped": reason}]
     torch.manual_seed(0)
-    ours = build_model(load_spec(spec_path), device=device).to(dtype).eval()
+    ours = build_model(load_spec(spec_path), device=device).eval()
+    with torch.no_grad():  # GPT-NeoX's output layer has no bias (hf_format): both then compute the same function
+        ours.predictor.bias.zero_()
+    try:
+        hf = to_transformers(ours, max_positions=context).to(device=device, dtype=dtype).eval()
+    except HFFormatError as e:  # transformers is not installed
+        print(f"skipped: {e}")
+        return [{"skipped": str(e)}]
+    ours = ours.to(dtype)
     n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
     rows = []
     for batch in batches:

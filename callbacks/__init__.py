@@ -1,6 +1,8 @@
 """Lightning callbacks, installed as `soma_lightning.callbacks`."""
 
 from soma_lightning.callbacks.attribution import K1Attribution
+from soma_lightning.callbacks.evaluation import Evaluation
+from soma_lightning.callbacks.lora import LoRA, load_adapter, merge_lora
 from soma_lightning.callbacks.monitors import BlockNormMonitor, ExpertLoadMonitor, GraphMonitor
 from soma_lightning.callbacks.nonfinite import NonFiniteGuard
 from soma_lightning.callbacks.preemption import PreemptionCheckpoint
@@ -9,6 +11,6 @@ from soma_lightning.callbacks.safetensors_export import SafetensorsExport, load_
 from soma_lightning.callbacks.throughput import Throughput
 
 __all__ = [
-    "BlockNormMonitor", "ExpertLoadMonitor", "GraphMonitor", "K1Attribution", "NonFiniteGuard", "PreemptionCheckpoint", "RunInfo",
-    "SafetensorsExport", "Throughput", "load_exported",
+    "BlockNormMonitor", "Evaluation", "ExpertLoadMonitor", "GraphMonitor", "K1Attribution", "LoRA", "NonFiniteGuard", "PreemptionCheckpoint", "RunInfo",
+    "SafetensorsExport", "Throughput", "load_adapter", "load_exported", "merge_lora",
 ]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
+from soma_lightning.callbacks.lora import LORA_KEY, inject_lora, merge_lora
 from soma_lightning.errors import UserError
 from soma_lightning.lm import TOKENIZER_SHA256, SomaLM
 from soma_lightning.safe_unpickling import MetadataUnpickler, restricted_unpickling
@@ -141,29 +142,43 @@ def _hparams_to_load(checkpoint: dict[str, Any], path: Path, argument: str, toke
     return hparams | {"arch": arch, "init_weights": None}
 
 
+def _with_lora(module: SomaLM, checkpoint: dict[str, Any], argument: str) -> SomaLM:
+    """A LoRA run's module gets the adapters its checkpoint holds (callbacks/lora.py), to load them into."""
+    if (settings := checkpoint.get(LORA_KEY)) is not None:
+        inject_lora(module.model, settings, argument)
+    return module
+
+
+def _merged(module: SomaLM, checkpoint: dict[str, Any]) -> SomaLM:
+    """A LoRA run's adapters folded into the base weights: it loads as the plain model it amounts to."""
+    if checkpoint.get(LORA_KEY) is not None:
+        merge_lora(module.model)
+    return module
+
+
 def _module_of(checkpoint: dict[str, Any], path: Path, argument: str, tokenizer: str | Path | None) -> SomaLM:
-    module = SomaLM(**_hparams_to_load(checkpoint, path, argument, tokenizer))
+    module = _with_lora(SomaLM(**_hparams_to_load(checkpoint, path, argument, tokenizer)), checkpoint, argument)
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise UserError(f"{argument}: {path} holds no state_dict")
     module.load_state_dict(state)
-    return module
+    return _merged(module, checkpoint)
 
 
-def _load_sharded(path: Path, hparams: dict[str, Any]) -> SomaLM:
+def _load_sharded(path: Path, checkpoint: dict[str, Any], hparams: dict[str, Any], argument: str) -> SomaLM:
     """The full weights of a sharded (torch.distributed.checkpoint) folder, read in this one process.
     Lightning's ModelParallelStrategy (FSDP2) stores them under "state_dict", its FSDPStrategy (FSDP1) under
     "model"."""
     import torch.distributed.checkpoint as dcp
 
-    module = SomaLM(**hparams)
+    module = _with_lora(SomaLM(**hparams), checkpoint, argument)
     with restricted_unpickling():
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         top = "model" if any(key.startswith("model.model.") for key in stored) else "state_dict"
         state = {top: module.state_dict()}
         dcp.load(state, checkpoint_id=path)
     module.load_state_dict(state[top])
-    return module
+    return _merged(module, checkpoint)
 
 
 def _load_deepspeed(path: Path, argument: str, tokenizer: str | Path | None) -> SomaLM:
@@ -191,14 +206,14 @@ def load_module(path: str | Path, which: Literal["best", "last"] = "last", argum
     loaded = _read_checkpoint(checkpoint, argument)
     try:
         if checkpoint.is_dir():
-            return _load_sharded(checkpoint, _hparams_to_load(loaded, checkpoint, argument, tokenizer))
+            return _load_sharded(checkpoint, loaded, _hparams_to_load(loaded, checkpoint, argument, tokenizer), argument)
         return _module_of(loaded, checkpoint, argument, tokenizer)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"{argument}: {checkpoint} does not match the model its hyper-parameters describe ({type(e).__name__}: {_one_line(e)})") from None
 
 
 # Settings of how a model runs, not what it is: they may differ between a checkpoint and the run that loads it.
-RUNTIME_HPARAMS = frozenset({"compile", "activation_checkpointing", "init_weights"})
+RUNTIME_HPARAMS = frozenset({"compile", "activation_checkpointing", "init_weights", "init_weights_strict"})
 
 
 def _flatten(value: object, prefix: str) -> dict[str, object]:

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torchmetrics import MeanMetric, Metric
 
+from soma_lightning.distillation import DistillConfig, distillation_loss, load_teacher
 from soma_lightning.float8 import convert_blocks_to_float8, require_torchao
 from soma_lightning.nn.protocols import after_train_batch, auxiliary_terms
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
 from soma_lightning.token_space import check_token_ids, modality_of
 from soma_lightning.onchain import ONCHAIN_SIGREG, arrgen_noise, onchain_batch_loss, target_nll
-from soma_lightning.v1 import load_canonical, read_canonical
+from soma_lightning.warm_start import load_initial_weights
 from soma_lightning.vocabulary import BYTE_PAD, check_tokenizer_file, vocabulary
 
 TOKENIZER_SHA256 = "tokenizer_sha256"  # the checkpoint key of the model's tokenizer file's SHA-256 (none for bytes)
@@ -83,11 +84,18 @@ class SomaLM(L.LightningModule):
             validation noise for batch b is the canonical scorer's (soma-arrgen, noise_seed + b), so that
             val/onchain_loss is the loss `soma-lightning score` reports for the val split (one device,
             val_seq_len 1024, val_batch_size 16).
-        init_weights: a canonical V1 safetensors file to start from.
+        init_weights: a safetensors file to start from (soma_lightning/warm_start.py): an export of any spec
+            (`soma-lightning export`, state_dict layout) or SOMA V1's canonical file; checkpoints are refused.
+        init_weights_strict: every tensor of the model must be in init_weights with its shape, and nothing
+            else (a one-line error names what differs); false loads the tensors whose name and shape match,
+            keeps the rest as initialised and warns, in one line, what was not loaded (to grow a model).
         activation_checkpointing: recompute each block in backward instead of keeping its activations.
         compile: torch.compile each block.
         float8: the blocks' Linear layers compute in float8 through torchao (soma_lightning/float8.py;
             needs the float8 extra).
+        distill: distillation from a teacher model (soma_lightning/distillation.py): the training loss adds
+            weight x KL on the teacher's softened logits; validation stays the student's own CE. The teacher
+            is loaded when a fit starts, not here, so loading a distilled student needs no teacher.
     """
 
     def __init__(
@@ -97,27 +105,36 @@ class SomaLM(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         noise_seed: int = 0,
         init_weights: str | None = None,
+        init_weights_strict: bool = True,
         activation_checkpointing: bool = False,
         compile: bool = False,
         float8: bool = False,
+        distill: DistillConfig | None = None,
     ) -> None:
         super().__init__()
         if isinstance(arch, dict):  # hyper-parameters read back from a checkpoint
             arch, sigreg, optim = spec_from_dict(arch), SIGRegConfig(**sigreg), OptimConfig(**optim)
+        if isinstance(distill, dict):
+            distill = DistillConfig(**distill)
         # logger=False: the CLI logs the whole resolved config as the hyper-parameters instead (cli.LogConfigCallback)
         self.save_hyperparameters({
             "arch": asdict(arch), "sigreg": asdict(sigreg), "optim": asdict(optim), "noise_seed": noise_seed, "init_weights": init_weights,
+            "init_weights_strict": init_weights_strict,
             "activation_checkpointing": activation_checkpointing, "compile": compile, "float8": float8,
+            "distill": asdict(distill) if distill is not None else None,
         }, logger=False)
         self.arch, self.sigreg, self.optim, self.noise_seed = arch, sigreg, optim, noise_seed
         self.activation_checkpointing, self.compile_blocks, self.float8 = activation_checkpointing, compile, float8
+        # A tuple, not an attribute nn.Module registers: the teacher stays out of the state dict, the optimizer,
+        # checkpoints and sharding. Filled in on_fit_start.
+        self.distill, self._teacher = distill, ()
         if float8:
             require_torchao()
         self.model = build_model(arch)
         self.vocabulary = vocabulary(arch.tokenizer, arch.eos_token)
         self.bits_metric = "bits_per_byte" if self.vocabulary.is_bytes else "bits_per_token"
         if init_weights is not None:
-            load_canonical(self.model, read_canonical(init_weights), init_weights)
+            load_initial_weights(self.model, init_weights, init_weights_strict)
         self.val_ce, self.val_sigreg, self.val_onchain = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_range_ce = RangeCE(arch.vocab_ranges, self.vocabulary.pad) if arch.vocab_ranges else None
 
@@ -156,6 +173,11 @@ class SomaLM(L.LightningModule):
             for method in ("encode", "encode_with_mtp", "predict"):  # SomaLM calls these, not forward
                 register_fsdp_forward_method(self.model, method)
 
+    def on_fit_start(self) -> None:
+        """The distillation teacher, on this module's device (placed by the strategy by now)."""
+        if self.distill is not None:
+            self._teacher = (load_teacher(self.distill, self.vocabulary, self.arch.vocab_size, self.device),)
+
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         micro = batch_idx % self.trainer.accumulate_grad_batches
         seed = np.random.SeedSequence([self.noise_seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
@@ -175,19 +197,26 @@ class SomaLM(L.LightningModule):
         """What the model reads of a batch: tokens, positions and the per-token annotations it carries."""
         return batch["tokens"], batch["positions"], batch.get("doc_ids"), batch.get("structure")
 
-    def _ce(self, reps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model.predict(reps).flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocabulary.pad)
+    def _ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocabulary.pad)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         reps, mtp = self.model.encode_with_mtp(*self._inputs(batch))
-        ce = self._ce(reps, batch["targets"])
+        logits = self.model.predict(reps)
+        ce = self._ce(logits, batch["targets"])
         noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
         sig = sigreg_statistic(reps, self._to_device(noise), self.sigreg.t_max, self.sigreg.points)
         loss = ce + self.sigreg.coefficient * sig
         metrics = {"train/ce": ce, "train/sigreg": sig}
+        if self.distill is not None:
+            with torch.no_grad():
+                teacher_logits = self._teacher[0](*self._inputs(batch))
+            kl = distillation_loss(logits, teacher_logits, batch["targets"], self.vocabulary.pad, self.distill.temperature)
+            loss = loss + self.distill.weight * kl
+            metrics["train/distill_kl"] = kl
         by_horizon: dict[int, list[torch.Tensor]] = {}
         for p in mtp:  # horizon k: the target of position t is token t+1+k, i.e. targets[:, t+k]
-            mtp_ce = self._ce(p.representations[:, : -p.horizon], batch["targets"][:, p.horizon :])
+            mtp_ce = self._ce(self.model.predict(p.representations[:, : -p.horizon]), batch["targets"][:, p.horizon :])
             loss = loss + p.loss_weight * mtp_ce
             by_horizon.setdefault(p.horizon, []).append(mtp_ce)
         metrics |= {f"train/mtp_{k}_ce": torch.stack(v).mean() for k, v in by_horizon.items()}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from soma_lightning.errors import UserError
+from soma_lightning.hf_format import is_transformers_dir, load_transformers
 from soma_lightning.lm import SomaLM
 
 
@@ -18,6 +19,8 @@ def load(path: str | os.PathLike, which: Literal["best", "last"] = "last", devic
         in this process): the module as trained, with its spec, objective and optimizer settings;
       * a run directory (runs/NAME/version_N, or its checkpoints/ folder): its `which` checkpoint, `last`
         (last.ckpt) or `best` (the newest best-*.ckpt);
+      * a transformers GPT-NeoX directory (`export --layout hf`, or a V1-shaped model from elsewhere; weights
+        from safetensors only): the V1 model it holds (soma_lightning/hf_format.py);
       * a `.safetensors` file written by `soma-lightning export` or the SafetensorsExport callback:
         - state_dict layout: the model its metadata's spec describes, holding the file's tensors;
         - canonical V1 layout (also files from elsewhere, e.g. soma-models' `Model.save`): a V1 model of the
@@ -38,6 +41,8 @@ def load(path: str | os.PathLike, which: Literal["best", "last"] = "last", devic
     p = Path(path)
     if p.suffix == ".safetensors" and p.is_file():
         module = _load_safetensors(p, tokenizer)
+    elif is_transformers_dir(p):
+        module = load_transformers(p, tokenizer)
     else:
         from soma_lightning.checkpoints import load_module
 

@@ -1,4 +1,4 @@
-"""`soma-lightning export`: one safetensors file from a checkpoint."""
+"""`soma-lightning export`: one safetensors file, or a transformers directory, from a checkpoint."""
 
 from json import dumps
 from pathlib import Path
@@ -8,20 +8,24 @@ from soma_lightning.callbacks.safetensors_export import full_state, is_v1, write
 from soma_lightning.checkpoint_io import describe_write_error
 from soma_lightning.checkpoints import load_module, resolve_checkpoint
 from soma_lightning.errors import UserError
+from soma_lightning.hf_format import is_transformers_dir, load_transformers, save_transformers
 from soma_lightning.measure import count_parameters
 from soma_lightning.v1 import WeightsError, model_size, size_mismatch
 
-Layout = Literal["auto", "canonical", "state_dict"]
+Layout = Literal["auto", "canonical", "state_dict", "hf"]
 
 
 def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: Layout = "auto", strict_v1: bool = False) -> dict:
-    """Write a run's weights as one safetensors file and say what was written (see `export`)."""
+    """Write a run's weights as one safetensors file (a transformers directory for layout hf) and say what was
+    written (see `export`)."""
     if strict_v1 and layout == "state_dict":
         raise UserError("--strict_v1: checks the canonical V1 layout, but --layout is state_dict")
     target = Path(out)
-    if target.is_dir():
+    if layout == "hf" and target.is_file():
+        raise UserError(f"--out: {out} is a file; --layout hf writes a directory (config.json and model.safetensors)")
+    if layout != "hf" and target.is_dir():
         raise UserError(f"--out: {out} is a directory; expected the path of the .safetensors file to write")
-    path = resolve_checkpoint(ckpt, which)
+    path = Path(ckpt) if is_transformers_dir(ckpt) else resolve_checkpoint(ckpt, which)
     # Of a run directory, every checkpoint is kept safe: exporting best over last.ckpt would lose last.ckpt.
     run_checkpoints = list(path.parent.glob("*.ckpt")) if Path(ckpt).is_dir() and path != Path(ckpt) else []
     for checkpoint in [path, *run_checkpoints]:
@@ -29,7 +33,7 @@ def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: Layout =
         if inside or target.resolve() == checkpoint.resolve() or (target.exists() and target.samefile(checkpoint)):
             where = f"is inside the checkpoint folder {checkpoint}" if inside else f"is the checkpoint {checkpoint}"
             raise UserError(f"--out: {out} {where} of --ckpt {ckpt}; writing there would destroy it, pick another path")
-    module = load_module(path)
+    module = load_transformers(path) if is_transformers_dir(path) else load_module(path)
     if strict_v1:
         try:
             mismatch = size_mismatch(model_size(module.model))
@@ -37,28 +41,36 @@ def export_checkpoint(ckpt: str, out: str, which: str = "best", layout: Layout =
             raise UserError(f"--strict_v1: {path}: {e}") from None
         if mismatch:
             raise UserError(f"--strict_v1: {path} is {mismatch}")
-    canonical = strict_v1 or layout == "canonical" or (layout == "auto" and is_v1(module.model))
-    tensors = full_state(module.model)
-    existed = target.is_file()
+    canonical = layout != "hf" and (strict_v1 or layout == "canonical" or (layout == "auto" and is_v1(module.model)))
+    existed = target.exists()
     try:
-        write_safetensors(module.model, tensors, module.arch, out, canonical)
+        if layout == "hf":
+            keys = save_transformers(module.model, target, module.vocabulary, module.arch.max_seq_len)
+        else:
+            tensors = full_state(module.model)
+            write_safetensors(module.model, tensors, module.arch, out, canonical)
+            keys = len(tensors)
     except Exception as e:
         if (reason := describe_write_error(out, e)) is None:
             raise
         raise UserError(f"--out: {reason}; " + ("the previous file is unchanged" if existed else "nothing was written")) from None
-    return {"ckpt": str(path), "out": out, "layout": "canonical" if canonical else "state_dict", "keys": len(tensors), "parameters": count_parameters(module.model)[0]}
+    written = "hf" if layout == "hf" else "canonical" if canonical else "state_dict"
+    return {"ckpt": str(path), "out": out, "layout": written, "keys": keys, "parameters": count_parameters(module.model)[0]}
 
 
 def export(ckpt: str, out: str, which: Literal["best", "last"] = "best", layout: Layout = "auto", strict_v1: bool = False) -> None:
-    """Write a run's weights as one safetensors file: a .ckpt, or a sharded checkpoint folder (FSDP2, FSDP1 or
-    DeepSpeed ZeRO) consolidated. Prints what was written as JSON.
+    """Write a run's weights as one safetensors file, or as a Hugging Face transformers directory: a .ckpt, or a
+    sharded checkpoint folder (FSDP2, FSDP1 or DeepSpeed ZeRO) consolidated. Prints what was written as JSON.
 
     Args:
-        ckpt: a .ckpt file, a sharded checkpoint folder, or a run directory (runs/NAME/version_N)
-        out: the .safetensors file to write
+        ckpt: a .ckpt file, a sharded checkpoint folder, a run directory (runs/NAME/version_N), or a
+            transformers GPT-NeoX directory of a V1-shaped model (config.json + model.safetensors)
+        out: the .safetensors file to write (for --layout hf: the directory)
         which: which checkpoint of a run directory
         layout: canonical (SOMA V1's layout, 389 keys for the full model, F32), state_dict (the model's own
-            tensors with the resolved spec in the metadata), auto (canonical for a V1-shaped model)
+            tensors with the resolved spec in the metadata), auto (canonical for a V1-shaped model), hf (a
+            V1-shaped model as a transformers GPT-NeoX directory, config.json + model.safetensors, which
+            GPTNeoXForCausalLM.from_pretrained loads; a non-zero predictor bias is refused, see hf_format.py)
         strict_v1: refuse a model that is not the registered V1 size (d_model 2048, 24 layers, 8 heads,
             hidden 8192), the only one the network loads
     """
