@@ -278,11 +278,22 @@ def model_size(model: SomaModel) -> Size:
     return (*dims, model.encoder.layers[0].attention.num_heads)
 
 
+def from_canonical(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Canonical tensors under the model's state-dict names, Linear weights transposed back (the inverse of
+    `canonical_state_dict`'s renaming); a key the model has no place for keeps its name, and a tensor that
+    cannot be a Linear weight (not 2-D) is left as it is for the shape check to report."""
+    to_model = {canonical: (key, transposed) for key, (canonical, transposed) in _canonical_names(model).items()}
+    renamed = {}
+    for name, tensor in tensors.items():
+        key, transposed = to_model.get(name, (name, False))
+        renamed[key] = tensor.t() if transposed and tensor.dim() == 2 else tensor
+    return renamed
+
+
 def load_canonical(model: SomaModel, tensors: dict[str, Tensor], where: str = "weights") -> None:
     """Load canonical tensors into our V1 model, strictly."""
     _check(tensors, canonical_shapes(*_v1_dims(model)), where)
-    state = {key: (tensors[c].t() if transposed else tensors[c]).contiguous() for key, (c, transposed) in _canonical_names(model).items()}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(from_canonical(model, tensors), strict=True)
 
 
 def model_from_canonical(path: str | os.PathLike, num_heads: int | None = None, device: str = "cpu", attention: str = "reference") -> SomaModel:

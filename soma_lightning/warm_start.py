@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from soma_lightning.v1 import WeightsError, _canonical_names, file_num_heads, model_size, v1_shape_problem
+from soma_lightning.v1 import WeightsError, file_num_heads, from_canonical, model_size, v1_shape_problem
 
 FLAG = "model.init_weights"
 SHOWN = 3  # names listed per kind of mismatch; the counts say how many there are
@@ -85,12 +85,7 @@ def read_weights(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, T
         raise WeightsError(f"{FLAG}: {e}") from None
     if recorded is not None and v1_shape_problem(model) is None and (heads := model_size(model)[4]) != recorded:
         raise WeightsError(f"{FLAG}: {path} records {recorded} attention heads, the model has {heads}; set the mha mixer's num_heads to {recorded}")
-    to_model = {canonical: (key, transposed) for key, (canonical, transposed) in _canonical_names(model).items()}
-    renamed = {}
-    for name, tensor in tensors.items():
-        key, transposed = to_model.get(name, (name, False))
-        renamed[key] = tensor.t() if transposed and tensor.dim() == 2 else tensor
-    return renamed, "canonical"
+    return from_canonical(model, tensors), "canonical"
 
 
 def load_initial_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> WarmStart:
