@@ -16,10 +16,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @cuda
-def test_sdpa_bf16_flash_path_equals_reference_at_v1_head_dim():
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "CUDNN_ATTENTION"])  # cuDNN: first in SDPA_PRIORITY
+def test_sdpa_bf16_kernel_equals_reference_at_v1_head_dim(backend):
     q, k, v = (torch.randn(2, 8, 1024, 256, device="cuda") for _ in range(3))
     ref = causal_attention_reference(q, k, v)
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION]):
+    with torch.nn.attention.sdpa_kernel([getattr(torch.nn.attention.SDPBackend, backend)]):
         out = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
     assert _rel(out, ref) < 1e-2
 
