@@ -12,11 +12,19 @@ the spec's analytic count (soma_lightning.measure), and the 6N + 12*L*D*T conven
 published MFU figures. `--runs trainer_float8` is the Trainer path with `--model.float8 true` (torchao's
 float8 Linear layers; needs the float8 extra and an H100). Our runs try attention kernels in the order
 `soma-lightning fit` sets (SDPA_PRIORITY: cuDNN first); `trainer_flash` is the Trainer with torch's default
-order (flash first), and litgpt keeps torch's default.
+order (flash first), and litgpt keeps torch's default. `trainer_eager` is the Trainer path without compile
+whatever `--compile` says, for compiled against eager side by side. Every run starts from seed 0 (the same
+initial weights for ours and the same batches for all); each row records the seconds from the run's start to
+its first step (model build, and compilation when compiled). `--losses` records each Trainer step's loss
+(this syncs every step, as the timer already does) and prints the mean of the last 50.
+
+    python bench/compare.py --config specs/gpt5_moe.yaml --batch-size 4 --seq-len 8192 --compile --runs trainer,trainer_eager
+    python bench/compare.py --config specs/soma_v1.yaml --batch-size 8 --compile --steps 500 --warmup 8 --runs trainer,trainer_float8 --losses
 """
 
 import argparse
 import json
+import yaml
 import math
 import time
 from dataclasses import replace
@@ -42,23 +50,34 @@ Run = tuple[list[float], torch.profiler.profile | None]  # step end times; the p
 
 
 class StepTimer(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, losses: list[float] | None = None) -> None:
         self.times: list[float] = []
+        self.losses = losses
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        if self.losses is not None:
+            self.losses.append(outputs["loss"].item())
 
 
-def lightning_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False, float8: bool = False) -> Run:
-    """The Trainer path (not profiled: the plain loop runs the same module); `float8` as `--model.float8 true`."""
-    timer = StepTimer()
+def lightning_run(
+    spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False, float8: bool = False, losses: list[float] | None = None
+) -> Run:
+    """The Trainer path (not profiled: the plain loop runs the same module); `float8` as `--model.float8 true`;
+    each step's loss appended to `losses` when given."""
+    timer = StepTimer(losses)
     trainer = L.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
     trainer.fit(SomaLM(spec, compile=compile, float8=float8), datamodule=data)
     return timer.times, None
+
+
+def eager_run(spec, data: ByteCorpus, steps: int, compile: bool, **options) -> Run:
+    """The Trainer path uncompiled, whatever `--compile` says."""
+    return lightning_run(spec, data, steps, False, **options)
 
 
 def _loop(model: torch.nn.Module, loss_of, data: ByteCorpus, steps: int, profile: bool = False) -> Run:
@@ -101,7 +120,7 @@ def plain_run(spec, data: ByteCorpus, steps: int, compile: bool, profile: bool =
             logits = model.predict(reps)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=PAD)
         noise = torch.randn(spec.d_model, sigreg.slices, generator=torch.Generator().manual_seed(step)).cuda()
-        return ce + sigreg.coefficient * sigreg_statistic(reps, noise, sigreg.t_max, sigreg.points)
+        return ce + sigreg.coefficient * sigreg_statistic(reps, noise, sigreg.t_max, sigreg.points, compiled=compile)
 
     return _loop(model, loss_of, data, steps, profile)
 
@@ -155,6 +174,7 @@ TORCH_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 RUNS = {
     "trainer": ("soma-lightning Trainer", sdpa_order(lightning_run, SDPA_PRIORITY)),
     "trainer_flash": ("Trainer, torch's SDPA order", sdpa_order(lightning_run, TORCH_ORDER)),
+    "trainer_eager": ("Trainer, eager", sdpa_order(eager_run, SDPA_PRIORITY)),
     "trainer_float8": ("soma-lightning, float8", sdpa_order(partial(lightning_run, float8=True), SDPA_PRIORITY)),
     "plain": ("plain PyTorch loop", sdpa_order(plain_run, SDPA_PRIORITY)), "litgpt": ("litgpt GPT", litgpt_run),
 }
@@ -182,12 +202,14 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--profile", action="store_true", help="after timing, profile 3 steps of the plain and litgpt runs: CUDA time by kernel kind")
+    p.add_argument("--losses", action="store_true", help="record every Trainer step's loss; print the mean of the last 50")
     p.add_argument("--out", default="compare.json")
     args = p.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
     spec = replace(load_spec(args.config), dropout=args.dropout, max_seq_len=args.seq_len)
-    data = ByteCorpus(seq_len=args.seq_len, batch_size=args.batch_size)
+    annotations = (yaml.safe_load(open(args.config)).get("data") or {}).get("init_args") or {}
+    data = ByteCorpus(seq_len=args.seq_len, batch_size=args.batch_size, doc_ids=annotations.get("doc_ids", False), structure=annotations.get("structure", False))
     data.setup("fit")
     tokens_per_step = args.batch_size * args.seq_len
     peak = device_peak_flops(torch.device("cuda"))
@@ -200,9 +222,17 @@ def main() -> None:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        losses: list[float] | None = [] if args.losses and key.startswith("trainer") else None
+        L.seed_everything(0, verbose=False)
+        start = time.perf_counter()
         try:
-            times, profiler = run(spec, data, args.steps, args.compile, args.profile)
+            extra = {"losses": losses} if losses is not None else {}
+            times, profiler = run(spec, data, args.steps, compile=args.compile, profile=args.profile, **extra)
             rows.append(summarize(name, times, tokens_per_step, flops, peak, args.warmup))
+            rows[-1]["first_step_s"] = times[0] - start
+            if losses is not None:
+                rows[-1]["losses"] = losses
+                rows[-1]["final_loss"] = sum(losses[-50:]) / len(losses[-50:])
             if profiler is not None:
                 rows[-1]["profile"] = kernel_profile(name, profiler)
         except ImportError as e:
@@ -213,11 +243,12 @@ def main() -> None:
         "train_flops_per_token": flops, "peak_flops": peak, "rows": rows,
     }
     print(f"{args.config}: {n_params:,} parameters, batch {args.batch_size} x {args.seq_len}, bf16 autocast, compile {args.compile}, dropout {args.dropout}")
-    print(f"{'run':24} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU 6N+12LDT':>13} {'peak GiB':>9}")
+    print(f"{'run':28} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU 6N+12LDT':>13} {'peak GiB':>9} {'1st step s':>10}")
     for r in rows:
         print(
-            f"{r['run']:24} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} {r['tflops_analytic']:8.1f} "
-            f"{r['mfu_analytic']:6.1%} {r['mfu_6N']:13.1%} {r['peak_mem_gib']:9.1f}"
+            f"{r['run']:28} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} {r['tflops_analytic']:8.1f} "
+            f"{r['mfu_analytic']:6.1%} {r['mfu_6N']:13.1%} {r['peak_mem_gib']:9.1f} {r['first_step_s']:10.1f}"
+            + (f"   loss, mean of last 50: {r['final_loss']:.4f}" if "final_loss" in r else "")
         )
     json.dump(result, open(args.out, "w"), indent=1)
 

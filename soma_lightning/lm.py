@@ -205,7 +205,7 @@ class SomaLM(L.LightningModule):
         logits = self.model.predict(reps)
         ce = self._ce(logits, batch["targets"])
         noise = torch.randn(self.arch.d_model, self.sigreg.slices, generator=torch.Generator().manual_seed(self.noise_seed + self.global_step))
-        sig = sigreg_statistic(reps, self._to_device(noise), self.sigreg.t_max, self.sigreg.points)
+        sig = sigreg_statistic(reps, self._to_device(noise), self.sigreg.t_max, self.sigreg.points, compiled=self.compile_blocks)
         loss = ce + self.sigreg.coefficient * sig
         metrics = {"train/ce": ce, "train/sigreg": sig}
         if self.distill is not None:
