@@ -62,12 +62,16 @@ def _load_safetensors(path: Path, tokenizer: str | os.PathLike | None) -> SomaLM
     from safetensors.torch import load_file
 
     from soma_lightning.callbacks.safetensors_export import CANONICAL_SPEC_KEY, SPEC_KEY
+    from soma_lightning.quantize import QUANTIZATION_KEY, load_quantized
     from soma_lightning.v1 import dims_of, file_metadata, file_shapes, load_canonical, read_canonical, resolve_num_heads, v1_spec
 
     metadata = file_metadata(path)
     if SPEC_KEY in metadata:
         tensors = load_file(path)
         module = SomaLM(_spec(metadata[SPEC_KEY], tokenizer))
+        if QUANTIZATION_KEY in metadata:  # `export --quantize`: the torchao weights, soma_lightning/quantize.py
+            load_quantized(module.model, tensors, metadata[QUANTIZATION_KEY], f"path: {path}")
+            return module
         try:
             module.model.load_state_dict(tensors)
         except RuntimeError as e:

@@ -12,14 +12,14 @@ from typing import Callable
 
 import jsonargparse
 
-from soma_lightning.cli import decode, evaluate, export, generate, graph, inspect, prepare, report, score
+from soma_lightning.cli import decode, evaluate, export, generate, graph, inspect, prepare, report, score, serve
 from soma_lightning.cli.train import TRAINING_COMMANDS, cli_main
 from soma_lightning.errors import SpecError, UserError
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "inspect": inspect.inspect, "export": export.export, "score": score.score, "generate": generate.generate,
     "graph": graph.graph, "report": report.report, "prepare": prepare.prepare, "decode": decode.decode,
-    "evaluate": evaluate.evaluate,
+    "evaluate": evaluate.evaluate, "serve": serve.serve,
 }
 POSITIONAL = {"report"}  # commands whose required arguments are positional: `soma-lightning report RUN_DIR`
 

@@ -15,6 +15,8 @@ from soma_lightning.errors import UserError
 from soma_lightning.generation import generate as generate_tokens
 from soma_lightning.generation import write_trace
 from soma_lightning.generation.constraints import AllowedTokens, DeniedTokens, FactVocabulary, LogitsProcessor, RegexConstraint, RepetitionPenalty
+from soma_lightning.quantize import Mode
+from soma_lightning.quantize import quantize as quantize_weights
 from soma_lightning.v1 import check_device
 
 
@@ -61,6 +63,7 @@ def generate(
     modality: Literal["text", "image", "audio"] = "text",
     tokens_out: str | None = None,
     device: str = "cpu",
+    quantize: Mode | None = None,
 ) -> None:
     """Continue a prompt with a trained model (its UTF-8 bytes, or its ids in the model's tokenizer); prints the
     generated text, and a summary line on stderr.
@@ -89,6 +92,8 @@ def generate(
             (a label or transcript)
         tokens_out: also write the prompt and generated ids as .npy (for `soma-lightning decode --tokens`)
         device: cpu, cuda or cuda:N
+        quantize: int8 or int4: weight-only quantization of every Linear layer through torchao, on the device
+            (soma_lightning/quantize.py)
     """
     check_device(device)
     processors = constraints(allowed_bytes, denied_bytes, facts, regex, repetition_penalty)
@@ -105,8 +110,11 @@ def generate(
         raise UserError(f"--modality: {modality} needs a model with a token space (model.arch.vocab_ranges); {ckpt} has none")
     else:
         ids = modality_prompt(TokenSpace(ranges), prompt, modality).tolist()
+    model = module.model.to(device)
+    if quantize is not None:
+        quantize_weights(model, quantize)
     result = generate_tokens(
-        module.model.to(device), ids, max_new_tokens, temperature, top_k, top_p, seed, processors,
+        model, ids, max_new_tokens, temperature, top_k, top_p, seed, processors,
         use_cache=not no_cache, trace=trace is not None, speculative=speculative, cuda_graph=cuda_graph, vocab_ranges=ranges,
         vocabulary=vocabulary,
     )
