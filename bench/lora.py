@@ -22,11 +22,9 @@ Throughput callback's tokens/s, and the fit's wall time / steps, which includes 
 
 import argparse
 import csv
-import glob
 import json
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 
 import yaml

@@ -15,6 +15,8 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
+from soma_lightning.nn.tensor_parallel import local
+
 log = logging.getLogger(__name__)
 
 
@@ -149,7 +151,8 @@ class NonFiniteGuard(L.Callback):
     ) -> None:
         """Reads the test back at once (one host sync) and drops a bad step by clearing the gradients."""
         params = _params(optimizer)
-        grads = [p.grad for p in params if p.grad is not None]
+        # Each rank's shards (tensor parallel shards over meshes that one stack could not mix); all ranks vote below.
+        grads = [local(p.grad) for p in params if p.grad is not None]
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             grads = []  # fp16's GradScaler expects overflowing gradients now and then: it skips those steps itself
         # One multi-tensor kernel (as in clip_grad_norm_); a tensor's max-norm is NaN or inf exactly when one of

@@ -17,6 +17,7 @@ from soma_lightning.data_modules.contract import EOS, PAD, tokenize
 from soma_lightning.data_modules.structure import batch_structure
 from soma_lightning.data_modules.token_shards import TokenShards, open_prepared
 from soma_lightning.errors import DataError
+from soma_lightning.parallel.mesh import batch_replica
 from soma_lightning.vocabulary import BYTE_VOCABULARY, BYTES, DEFAULT_EOS_TOKEN, Vocabulary, vocabulary
 
 EMBEDDED = "tinyshakespeare"
@@ -130,10 +131,11 @@ def annotate(batch: dict[str, torch.Tensor], annotations: tuple[str, ...], eos: 
 
 def data_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
     """(first batch, rank, world size) of this process's training windows. The first batch is the data
-    position: after resuming at step N, the batch an uninterrupted run would draw next."""
+    position: after resuming at step N, the batch an uninterrupted run would draw next. Tensor- and
+    context-parallel ranks of one group read the same windows."""
     if trainer is None:
         return 0, 0, 1
-    return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
+    return trainer.global_step * trainer.accumulate_grad_batches, *batch_replica(trainer.strategy, trainer.global_rank, trainer.world_size)
 
 
 def pin_memory(trainer: L.Trainer | None) -> bool:

@@ -17,6 +17,7 @@ from soma_lightning.nn.ffn import GeluMLP
 from soma_lightning.nn.gated_deltanet import GatedDeltaNet
 from soma_lightning.nn.gqa import GroupedQueryAttention
 from soma_lightning.nn.graph_attention import GraphAttention
+from soma_lightning.nn.memory_attention import MemoryAttention
 from soma_lightning.nn.moe import MoE
 from soma_lightning.nn.mtp import MTPHeads
 from soma_lightning.nn.norm import layernorm, rmsnorm
@@ -25,7 +26,8 @@ from soma_lightning.nn.semantic_state import SemanticStateEmbedding
 from soma_lightning.spec_types import check_value
 
 REGISTRY: dict[str, dict[str, Callable[..., torch.nn.Module]]] = {
-    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention, "gated_deltanet": GatedDeltaNet, "graph_attention": GraphAttention},
+    "mixer": {"mha": MultiHeadAttention, "gqa": GroupedQueryAttention, "gated_deltanet": GatedDeltaNet, "graph_attention": GraphAttention,
+              "memory_attention": MemoryAttention},
     "ffn": {"gelu_mlp": GeluMLP, "moe": MoE},
     "norm": {"layernorm": layernorm, "rmsnorm": rmsnorm},
     "embedding": {"hashed_ngram": HashedNgramEmbedding, "modality": ModalityEmbedding},

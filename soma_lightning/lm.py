@@ -11,11 +11,13 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torchmetrics import MeanMetric, Metric
 
 from soma_lightning.distillation import DistillConfig, distillation_loss, load_teacher
-from soma_lightning.float8 import convert_blocks_to_float8, require_torchao
+from soma_lightning.float8 import require_torchao
 from soma_lightning.nn.protocols import after_train_batch, auxiliary_terms
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
 from soma_lightning.spec import ModelSpec, build_model, spec_from_dict
 from soma_lightning.token_space import check_token_ids, modality_of
+from soma_lightning.parallel.mesh import batch_replica
+from soma_lightning.parallel.parallelize import clip_grad_norm_, parallelize, spans_meshes
 from soma_lightning.onchain import ONCHAIN_SIGREG, arrgen_noise, onchain_batch_loss, target_nll
 from soma_lightning.warm_start import load_initial_weights
 from soma_lightning.vocabulary import BYTE_PAD, check_tokenizer_file, vocabulary
@@ -72,9 +74,9 @@ class SomaLM(L.LightningModule):
 
     Every micro-batch reseeds torch's generators from (noise_seed, step, micro-batch, rank), so dropout
     masks are a function of the data position and a resumed run draws the same ones. Activation
-    checkpointing, compile and float8 are applied in `configure_model` (float8 first, as torchtitan orders
-    them), before a strategy shards the model (FSDP2 through ModelParallelStrategy: one `fully_shard` unit
-    per block, then the root), so they work the same under every strategy.
+    checkpointing, compile and float8 are applied in `configure_model` by `parallelize` (parallel/parallelize.py),
+    together with the parallelism of FSDP2Strategy's device mesh (tensor, expert and context parallel, then
+    FSDP2: one `fully_shard` unit per block, then the root), so they work the same under every strategy.
 
     Args:
         arch: the model spec (the `arch` mapping of a spec file).
@@ -151,27 +153,15 @@ class SomaLM(L.LightningModule):
         check_tokenizer_file(self.vocabulary.tokenizer, checkpoint.get(TOKENIZER_SHA256), "the checkpoint", "--model.arch.tokenizer")
 
     def configure_model(self) -> None:
-        """float8 Linear layers, activation checkpointing, then torch.compile per block, then FSDP2 sharding
-        when the strategy provides a device mesh (the order torchtitan uses). Lightning may call this more
-        than once."""
+        """float8, the strategy's parallelism (its device mesh), activation checkpointing, compile and FSDP2,
+        all in `parallelize` (parallel/parallelize.py). Lightning may call this more than once."""
         if getattr(self, "_configured", False):
             return
         self._configured = True
-        if self.float8:
-            convert_blocks_to_float8(self.model)
-        self.model.encoder.activation_checkpointing = self.activation_checkpointing
-        if self.compile_blocks:
-            for layer in self.model.encoder.layers:
-                layer.compile()
-        if self.device_mesh is not None:
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.model.encoder.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-            for method in ("encode", "encode_with_mtp", "predict"):  # SomaLM calls these, not forward
-                register_fsdp_forward_method(self.model, method)
+        parallelize(
+            self.model, self.device_mesh, self.arch, float8=self.float8, activation_checkpointing=self.activation_checkpointing,
+            compile=self.compile_blocks,
+        )
 
     def on_fit_start(self) -> None:
         """The distillation teacher, on this module's device (placed by the strategy by now)."""
@@ -180,7 +170,9 @@ class SomaLM(L.LightningModule):
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        seed = np.random.SeedSequence([self.noise_seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
+        # By the rank's batch, not its global rank: tensor-parallel ranks read one batch and must drop alike.
+        batch_rank, _ = batch_replica(self.trainer.strategy, self.global_rank, self.trainer.world_size)
+        seed = np.random.SeedSequence([self.noise_seed, self.global_step, micro, batch_rank]).generate_state(1)[0]
         torch.manual_seed(int(seed))
         # Loggers number steps by this counter, which Lightning restores one off after some resumes (a run
         # ended by `trainer.should_stop`); with one optimizer it is the global step by definition.
@@ -288,9 +280,14 @@ class SomaLM(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
         """Lightning refuses to clip for a fused optimizer under any mixed precision, because with fp16 the fused
         step unscales the gradients itself, after clipping would have seen them scaled. bf16 has no scaler: the
-        gradients are already true, so they are clipped as under full precision and AdamW stays fused."""
+        gradients are already true, so they are clipped as under full precision and AdamW stays fused. Under
+        tensor or expert parallel the gradients lie on several device meshes, which parallelize.clip_grad_norm_
+        clips by one norm."""
         plugin = self.trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and _grad_scaler(self.trainer) is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and _grad_scaler(self.trainer) is None and spans_meshes(params):
+            clip_grad_norm_(params, gradient_clip_val)  # tensor or expert parallel: gradients on several meshes
+        elif isinstance(plugin, MixedPrecision) and _grad_scaler(self.trainer) is None:
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm")
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

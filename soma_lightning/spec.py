@@ -16,6 +16,7 @@ from soma_lightning.components import REGISTRY, Component, resolve_component
 from soma_lightning.config_files import read_yaml
 from soma_lightning.device_memory import check_fits
 from soma_lightning.errors import SpecError
+from soma_lightning.nn.low_rank import apply_low_rank
 from soma_lightning.nn.model import Block, SomaModel, Sublayer, normal_init
 from soma_lightning.nn.mtp import SequentialMTP
 from soma_lightning.nn.protocols import default_name
@@ -44,7 +45,9 @@ class ModelSpec:
     sequence context, e.g. SOSM's `semantic_state`, which builds the semantic graph there.
     `init_std`: null keeps each module's PyTorch default initialisation (as soma-models does); a number
     draws every Linear and Embedding weight from N(0, init_std) and zeroes their biases (GPT-2's scheme
-    without its residual scaling), after the components' own initialisation."""
+    without its residual scaling), after the components' own initialisation.
+    `low_rank`: `{rank: R, include: [glob, ...]}` replaces every nn.Linear whose module name matches a glob
+    (e.g. `encoder.layers.*.attention.*`) with a rank-R factorisation (nn/low_rank.py)."""
 
     # Mappings that hold components are plain `dict`, not `dict[str, Any]`: jsonargparse (the CLI) parses a
     # `{class_path: ..., init_args: ...}` value of an `Any` as its own subclass spec, while a plain dict's
@@ -65,6 +68,7 @@ class ModelSpec:
     init_std: float | None = None
     tokenizer: str = BYTES
     eos_token: str = DEFAULT_EOS_TOKEN
+    low_rank: dict | None = None
 
 
 # ---------------------------------------------------------------- the spec as a whole
@@ -81,6 +85,8 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
         raise SpecError(f"{path}.init_std: must be positive or null, got {spec.init_std}")
     if not 0.0 <= spec.dropout < 1.0:
         raise SpecError(f"{path}.dropout: must be in [0, 1), got {spec.dropout}")
+    if spec.low_rank is not None:
+        _check_low_rank(spec.low_rank, f"{path}.low_rank")
     vocab = vocabulary(spec.tokenizer, spec.eos_token, f"{path}.tokenizer", SpecError)
     pad, eos = vocab.pad, vocab.eos
     specials = max(pad, eos) + 1
@@ -98,6 +104,23 @@ def _check_fields(spec: ModelSpec, path: str) -> None:
         for special in (pad, eos):
             if not any(start <= special < end for start, end in spec.vocab_ranges.values()):
                 raise SpecError(f"{path}.vocab_ranges: PAD {pad} and EOS {eos} must lie in a declared range (e.g. specials: [{pad}, {pad + 8}]); {special} lies in none")
+
+
+LOW_RANK_KEYS = {"rank": int, "include": list[str]}
+
+
+def _check_low_rank(raw: dict[str, Any], path: str) -> None:
+    for key, value in raw.items():
+        if key not in LOW_RANK_KEYS:
+            raise SpecError(f"{path}.{key}: unknown key; valid keys: {', '.join(LOW_RANK_KEYS)}")
+        check_value(f"{path}.{key}", value, LOW_RANK_KEYS[key])
+    for key in LOW_RANK_KEYS:
+        if key not in raw:
+            raise SpecError(f"{path}.{key}: missing key")
+    if raw["rank"] < 1:
+        raise SpecError(f"{path}.rank: must be at least 1, got {raw['rank']}")
+    if not raw["include"]:
+        raise SpecError(f"{path}.include: expected at least one glob of module names, e.g. 'encoder.layers.*.attention.*'")
 
 
 def spec_from_dict(raw: Any, path: str = "model.arch") -> ModelSpec:
@@ -206,7 +229,7 @@ def _plan(spec: ModelSpec, path: str) -> _Plan:
     return _Plan(layers, final_norm, embeddings, token_embedding, mtp_blocks, mtp_loss_weight)
 
 
-def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
+def _assemble(spec: ModelSpec, plan: _Plan, path: str) -> SomaModel:
     def block(layer: BlockPlan) -> Block:
         return Block([Sublayer(name, comp.build(), norm.build() if norm else None) for name, norm, comp in layer], spec.dropout)
 
@@ -219,6 +242,10 @@ def _assemble(spec: ModelSpec, plan: _Plan) -> SomaModel:
         spec.vocab_size, spec.d_model, [block(layer) for layer in plan.layers], plan.final_norm.build(), spec.predictor_bias, embeddings, mtp,
         token_embedding,
     )
+    if spec.low_rank is not None and not apply_low_rank(model, spec.low_rank["rank"], spec.low_rank["include"]):
+        raise SpecError(
+            f"{path}.low_rank.include: no nn.Linear module matches {spec.low_rank['include']}; names look like encoder.layers.0.attention.query"
+        )
     if spec.init_std is not None:
         normal_init(model, spec.init_std)
     return model
@@ -231,13 +258,13 @@ def build_model(spec: ModelSpec | dict, device: str | torch.device | None = None
         spec = spec_from_dict(spec, path)
     plan = _plan(spec, path)
     with torch.device("meta"):
-        model = _assemble(spec, plan)
+        model = _assemble(spec, plan, path)
     target = torch.device(device or "cpu")
     if target.type == "meta":
         return model
     check_fits(model, target, path)
     with torch.device(target):
-        return _assemble(spec, plan)
+        return _assemble(spec, plan, path)
 
 
 def load_spec(path: str) -> ModelSpec:

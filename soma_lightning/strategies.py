@@ -1,28 +1,68 @@
-"""FSDP2Strategy: Lightning's ModelParallelStrategy as pure data parallelism, with atomic sharded checkpoints."""
+"""FSDP2Strategy: Lightning's ModelParallelStrategy over the `--parallel.*` device mesh (FSDP2, tensor, expert
+and context parallel), with atomic sharded checkpoints."""
 
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from soma_lightning.parallel.mesh import ParallelDims, batch_rank, build_mesh
 from soma_lightning.safe_unpickling import restricted_unpickling
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 over all ranks: the device mesh is (data_parallel = world size, tensor_parallel = 1), and
-    `SomaLM.configure_model` shards one unit per block. ModelParallelStrategy's "auto" sizes would make
-    the data-parallel group one rank per node, so the sizes are fixed here once the world size is known.
+    """The device mesh of `dp_shard`, `tp`, `ep` and `cp` (parallel/mesh.py; by default FSDP2 over all ranks),
+    which `SomaLM.configure_model` hands to `parallelize` (parallel/parallelize.py). Ranks that share a tp and
+    cp coordinate read the same batches. Under context parallel each training step's forward and backward
+    run with the batch's sequences split over the cp ranks (`context_parallel_step`).
 
-    A sharded checkpoint is a folder written by every rank. It is written as `NAME.tmp` and swapped in
-    only when complete: at every moment `NAME` or `NAME.old` holds a whole checkpoint."""
+    A sharded checkpoint is a folder written by every rank (torch.distributed.checkpoint, global shapes): it
+    loads into any other mesh. It is written as `NAME.tmp` and swapped in only when complete: at every
+    moment `NAME` or `NAME.old` holds a whole checkpoint."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+    def __init__(self, dp_shard: int = -1, tp: int = 1, ep: int = 1, cp: int = 1, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=tp, **kwargs)
+        self.parallel = ParallelDims(dp_shard, tp, ep, cp)
+        self._context_parallel_step: ExitStack | None = None
 
     def setup_environment(self) -> None:
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        super().setup_environment()
+        self.parallel = self.parallel.resolved(self.num_nodes * self.num_processes)  # before any process group exists
+        self._data_parallel_size, self._tensor_parallel_size = self.parallel.batch_replicas * self.parallel.cp, self.parallel.tp
+        self._setup_distributed()
+        self._device_mesh = build_mesh(self.parallel, self.root_device.type)
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Batches differ along dp_shard and ep only."""
+        return {"num_replicas": self.parallel.batch_replicas, "rank": batch_rank(self.device_mesh)}
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Under context parallel, the step's sequences stay split until its backward has run (`backward`)."""
+        if self.parallel.cp > 1:
+            from soma_lightning.parallel.parallelize import context_parallel_step
+
+            self._context_parallel_step = ExitStack()
+            self._context_parallel_step.enter_context(context_parallel_step(self.device_mesh, args[0]))
+        try:
+            return super().training_step(*args, **kwargs)
+        except BaseException:
+            self._end_context_parallel_step()
+            raise
+
+    def backward(self, closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            return super().backward(closure_loss, *args, **kwargs)
+        finally:
+            self._end_context_parallel_step()
+
+    def _end_context_parallel_step(self) -> None:
+        if self._context_parallel_step is not None:
+            self._context_parallel_step.close()
+            self._context_parallel_step = None
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's load, with the folder's DCP metadata read without running code (safe_unpickling.py)."""

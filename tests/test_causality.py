@@ -29,18 +29,26 @@ def test_v1_is_causal(impl):
 
 CASES = {
     "mixer": {
-        "mha": [{"num_heads": 4}],
+        "mha": [{"num_heads": 4}, {"num_heads": 2, "differential": True}, {"num_heads": 2, "differential": True, "impl": "reference"}],
         "gqa": [
             {"num_heads": 4, "num_kv_heads": 2},
             {"num_heads": 4, "num_kv_heads": 1, "qk_norm": True, "window": 8, "global_stride": 5},
             {"num_heads": 4, "num_kv_heads": 2, "window": 8, "global_stride": 5, "impl": "flex"},
             {"num_heads": 4, "window": 6, "impl": "reference"},
+            {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window": 8, "global_stride": 5, "differential": True},
+            {"num_heads": 2, "head_dim": 8, "differential": True, "impl": "reference"},
         ],
         "gated_deltanet": [
             {"num_heads": 2, "num_v_heads": 4, "head_dim": 8},
             {"num_heads": 1, "num_v_heads": 2, "head_dim": 8, "conv_size": 2, "impl": "recurrent"},
         ],
-        "graph_attention": [{"num_heads": 4}, {"num_heads": 2, "impl": "reference"}],  # reads SOSM's graph
+        "graph_attention": [  # reads SOSM's graph
+            {"num_heads": 4},
+            {"num_heads": 2, "impl": "reference"},
+            {"num_heads": 2, "differential": True, "rope_positions": "graph", "landmark_every": 4},
+            {"num_heads": 2, "impl": "reference", "differential": True, "rope_positions": "both", "landmark_every": 5, "landmark_buckets": 4},
+        ],
+        "memory_attention": [{"num_heads": 4, "chunk_size": 8, "top_k": 3}, {"num_heads": 2, "chunk_size": 5, "top_k": 2, "impl": "exact"}],
     },
     "ffn": {
         "gelu_mlp": [{"hidden_dim": 32}],
@@ -48,6 +56,8 @@ CASES = {
             {"hidden_dim": 16, "num_experts": 4, "top_k": 2},
             {"hidden_dim": 16, "num_experts": 4, "top_k": 1, "capacity_factor": 0.5, "balance": "aux_free", "num_shared_experts": 1},
             {"hidden_dim": 16, "num_experts": 4, "top_k": 2, "capacity_factor": 1.0, "impl": "grouped", "activation": "gelu"},
+            {"hidden_dim": 16, "num_experts": 4, "top_k": 2, "routing": "expert_choice", "routing_chunk": 8},
+            {"hidden_dim": 16, "num_experts": 3, "routing": "soft", "routing_chunk": 5, "slots_per_expert": 2, "num_shared_experts": 1},
         ],
     },
     "embedding": {"hashed_ngram": [{"ngram_sizes": [2, 3], "num_tables": 2, "buckets": 97}], "modality": [{}]},
@@ -111,3 +121,25 @@ def test_sosm_model_is_causal(graph):
     spec = load_spec("specs/sosm_tiny.yaml")
     spec.token_embedding["graph"] |= graph | {"chunk_size": 16}
     _assert_causal(build_model(spec))
+
+
+def test_sosm_hybrid_model_is_causal():
+    from soma_lightning import load_spec
+
+    _assert_causal(build_model(load_spec("specs/sosm_hybrid_tiny.yaml")))
+
+
+@pytest.mark.parametrize("embedding", [{"edge_gate": "learned"}, {"block_groups": [["I", "D"], ["R1", "R2", "K"]], "edge_gate": "learned"}])
+def test_sosm_model_with_the_semantic_state_options_is_causal(embedding):
+    from soma_lightning import load_spec
+
+    spec = load_spec("specs/sosm_tiny.yaml")
+    spec.token_embedding |= embedding
+    spec.token_embedding["graph"] |= {"chunk_size": 16, "threshold": 0.0}
+    _assert_causal(build_model(spec))
+
+
+def test_low_rank_model_is_causal():
+    arch = tiny_v1_arch()
+    arch["low_rank"] = {"rank": 4, "include": ["encoder.*", "predictor"]}
+    _assert_causal(build_model(arch))

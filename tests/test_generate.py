@@ -25,13 +25,15 @@ from soma_lightning.nn.ops.delta_rule import gated_delta_rule_chunked, gated_del
 from soma_lightning.spec import spec_from_dict
 from conftest import train_tiny_spec
 
-SPECS = ["specs/quickstart.yaml", "specs/gpt5_moe_tiny.yaml", "specs/hybrid_tiny.yaml", "specs/sosm_tiny.yaml"]
+SPECS = ["specs/quickstart.yaml", "specs/gpt5_moe_tiny.yaml", "specs/hybrid_tiny.yaml", "specs/sosm_tiny.yaml", "specs/sosm_hybrid_tiny.yaml"]
 TEXT = b"def f(x):\n    return [x + 1, {'a': (x)}]  # one\n\nclass A:\n    def g(self, y):\n        return (y, [self])\n"
 
 
 def _sosm_all_options():
     raw = yaml.safe_load(open("specs/sosm_tiny.yaml"))["model"]["arch"]
     raw["token_embedding"]["graph"] |= {"ema": 0.5, "adaptive_k": [1, 4], "mutual": True, "projection_dim": 8, "temporal_gate": 20.0, "chunk_size": 8, "threshold": 0.0}
+    raw["token_embedding"] |= {"edge_gate": "learned", "block_groups": [["I", "D"], ["R1", "R2", "K"]]}
+    raw["blocks"]["layer"][0]["mixer"] |= {"head_dim": 8, "differential": True, "rope_positions": "both", "landmark_every": 8, "landmark_buckets": 6}
     return spec_from_dict(raw)
 
 

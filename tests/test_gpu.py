@@ -340,3 +340,43 @@ def test_nonfinite_guard_skips_on_the_device_and_never_waits_for_it_on_clean_ste
         last_finite = {k: v.cpu() for k, v in before[BAD_STEP].items()}  # the Trainer hands the model back on the CPU
         saved = {k.removeprefix("model."): v.cpu() for k, v in ckpt["state_dict"].items()}
         assert same(saved, last_finite) and same(weights(lm), last_finite)
+
+
+@cuda
+def test_context_parallel_step_on_one_rank_equals_plain_attention():
+    """Ring attention (torch's context_parallel, as `--parallel.cp` runs it) over a one-rank cp mesh: the
+    step's chunk bookkeeping and SDPA's replacement on CUDA give the plain step's loss and gradients. Two
+    or more cp ranks need several GPUs."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from soma_lightning.parallel.parallelize import context_parallel_step
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("cp",))
+        torch.manual_seed(0)
+        model = build_model(tiny_v1_arch(d_model=256, num_heads=2, hidden_dim=512), device="cuda")
+        tokens = torch.randint(0, 256, (2, 257), device="cuda")
+        positions = torch.arange(256, device="cuda").expand(2, -1).contiguous()
+        batch = {"tokens": tokens[:, :-1].contiguous(), "positions": positions, "targets": tokens[:, 1:].contiguous()}
+
+        def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            model.zero_grad(set_to_none=True)
+            logits = model.predict(model.encode(batch["tokens"], batch["positions"]))
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+            loss.backward()
+            return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+        plain_loss, plain_grads = step()
+        with context_parallel_step(mesh, batch):
+            ring_loss, ring_grads = step()
+        torch.testing.assert_close(ring_loss, plain_loss, rtol=1e-5, atol=1e-6)
+        for got, want in zip(ring_grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

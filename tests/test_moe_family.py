@@ -19,9 +19,9 @@ def analytic_parameters(d, layers, vocab, heads, kv_heads, experts, top_k, hidde
 
 def test_design_scale_spec_matches_the_analytic_count():
     model = build_model(load_spec("specs/gpt5_moe_design.yaml"), device="meta")
-    expected = analytic_parameters(8192, 120, 524288, 64, 8, 16, 2, 8192, 3, 65536, 4, 32, 120)
+    expected = analytic_parameters(8192, 120, 524288, 64, 8, 16, 2, 32768, 3, 65536, 4, 32, 120)
     assert count_parameters(model) == expected
-    assert 4.1e11 < expected[0] < 4.2e11
+    assert 1.5e12 < expected[0] < 1.6e12
 
 
 def test_one_h100_spec_is_about_1b_total_300m_active():

@@ -34,6 +34,7 @@ ARGS = {
     "gqa": {"num_heads": 4, "num_kv_heads": 2},
     "gated_deltanet": {"num_heads": 2, "num_v_heads": 2, "head_dim": 8},
     "graph_attention": {"num_heads": 4},
+    "memory_attention": {"num_heads": 4},
     "gelu_mlp": {"hidden_dim": 32},
     "moe": {"hidden_dim": 32, "num_experts": 4},
     "hashed_ngram": {"buckets": 64},
@@ -77,6 +78,7 @@ MEASURED = {
     "specs/gpt5_moe_tiny.yaml": (223168, 174016, 594048.0),
     "specs/hybrid_tiny.yaml": (94496, 69920, 759360.0),
     "specs/sosm_tiny.yaml": (49560, 49560, 161280.0),
+    "specs/sosm_hybrid_tiny.yaml": (59016, 59016, 314880.0),
 }
 
 

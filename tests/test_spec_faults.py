@@ -128,6 +128,6 @@ def test_model_too_large_for_memory_fails_before_allocating(spec, tmp_path, caps
     small.write_text("a small corpus " * 100)
     args = ["fit", "--config", spec, "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--data.init_args.source", str(small)]
     line = _fails(capsys, *args)
-    count = {"specs/hybrid_235b.yaml": "242,879,153,920", "specs/gpt5_moe_design.yaml": "414,885,009,408"}[spec]
+    count = {"specs/hybrid_235b.yaml": "242,879,153,920", "specs/gpt5_moe_design.yaml": "1,574,526,179,328"}[spec]
     assert line.startswith(f"soma-lightning: error: model.arch: the model has {count} parameters, ")
     assert "bytes" in line and "of float32 weights, more than the" in line and "available on cpu" in line

@@ -1,8 +1,10 @@
 """`soma-lightning inspect`: what a spec builds, without building its weights."""
 
+import dataclasses
 from json import dumps
 
 from soma_lightning.measure import count_parameters, forward_flops_per_token, train_flops_per_token
+from soma_lightning.parallel.mesh import ParallelDims
 from soma_lightning.spec import build_model, load_spec
 
 
@@ -31,15 +33,30 @@ def inspect_spec(config: str) -> dict:
     }
 
 
-def inspect(config: str, json: bool = False) -> None:
+def inspect(
+    config: str, json: bool = False, parallel: ParallelDims = ParallelDims(), batch_size: int | None = None, seq_len: int | None = None,
+    precision: str = "bf16-mixed", activation_checkpointing: bool = False,
+) -> None:
     """What a spec builds: parameters, FLOPs per token and block pattern, from a meta-device model (no weights
-    allocated).
+    allocated); with --batch_size or --parallel.*, the memory per GPU of training it on that mesh.
 
     Args:
         config: a config file with model.arch
         json: print one JSON object instead of a table
+        parallel: the mesh of the memory plan (dp_shard -1 reads as 1 here)
+        batch_size: sequences per data-parallel rank of the memory plan (default 1)
+        seq_len: tokens per sequence of the memory plan (default: the spec's max_seq_len)
+        precision: the memory plan's trainer.precision: 32-true, bf16-mixed or bf16-true
+        activation_checkpointing: the memory plan with --model.activation_checkpointing true
     """
     info = inspect_spec(config)
+    if batch_size is not None or parallel != ParallelDims():
+        from soma_lightning.parallel.memory_plan import memory_plan
+
+        dims = dataclasses.replace(parallel, dp_shard=1) if parallel.dp_shard == -1 else parallel
+        dims = dims.resolved(dims.dp_shard * dims.ep * dims.cp * dims.tp)
+        spec = load_spec(config)
+        info["memory_plan"] = memory_plan(spec, dims, batch_size or 1, seq_len or spec.max_seq_len, precision, activation_checkpointing)
     if json:
         print(dumps(info))
         return
@@ -59,3 +76,14 @@ def inspect(config: str, json: bool = False) -> None:
         start += count
     for k, depth in enumerate(info["sequential_mtp"], start=1):
         print(f"mtp depth {k}".ljust(18) + " | ".join(depth))
+    if "memory_plan" in info:
+        print_memory_plan(info["memory_plan"])
+
+
+def print_memory_plan(plan: dict) -> None:
+    dims = plan["dims"]
+    mesh = " x ".join(f"{name} {dims[name]}" for name in ("dp_shard", "ep", "cp", "tp"))
+    print(f"memory per GPU    {plan['gpus']} GPUs ({mesh}), batch {plan['batch_size']} x {plan['seq_len']} tokens per data-parallel rank, "
+          f"{plan['precision']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}")
+    for name, value in plan["bytes"].items():
+        print(f"  {name:<16}{value / 2**30:>10.2f} GiB" if value >= 2**30 else f"  {name:<16}{value / 2**20:>10.2f} MiB")

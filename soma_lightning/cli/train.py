@@ -7,6 +7,7 @@ import logging
 import shutil
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import jsonargparse
@@ -33,7 +34,9 @@ from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.errors import TrainingStopped, UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.nn.ops.attention.backends import SDPA_PRIORITY
+from soma_lightning.parallel.mesh import ParallelDims
 from soma_lightning.safe_unpickling import restricted_unpickling
+from soma_lightning.strategies import FSDP2Strategy
 
 TRAINING_COMMANDS = {
     "fit": "train a model from a spec: soma-lightning fit --config specs/quickstart.yaml",
@@ -65,6 +68,7 @@ class SomaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_class_arguments(ParallelDims, "parallel", help="degrees of parallelism over the devices (FSDP2Strategy): --parallel.tp 2 ...")
         parser.set_defaults(
             {
                 "data": jsonargparse.lazy_instance(ByteCorpus),
@@ -212,6 +216,7 @@ class SomaCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = self._default_callbacks(trainer_config)
         if any(isinstance(c, SpecSummary) for c in self.trainer_defaults["callbacks"]):
             trainer_config["enable_model_summary"] = False  # SpecSummary replaces Lightning's default summary
+        self._apply_parallel_flags(trainer_config)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as e:
@@ -229,6 +234,28 @@ class SomaCLI(LightningCLI):
                 continue_metrics(logger, step)
         print(f"soma-lightning: resuming run {resumed}", file=sys.stderr)
         return trainer
+
+    def _apply_parallel_flags(self, trainer_config: dict) -> None:
+        """`--parallel.*` other than the defaults set FSDP2Strategy's degrees (the strategy too when none is
+        chosen); another strategy cannot take them."""
+        dims = self._get(self.config_init, "parallel")
+        if dims is None or dims == ParallelDims():
+            return
+        devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes") or 1
+        devices = len(devices) if isinstance(devices, list) else int(devices) if str(devices).isdigit() else None
+        if devices:  # else known once the strategy sets up
+            dims.resolved(devices * nodes)
+        strategy = trainer_config.get("strategy")
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.parallel = dims
+        elif strategy in (None, "auto"):
+            trainer_config["strategy"] = FSDP2Strategy(**asdict(dims))
+        else:
+            name = strategy if isinstance(strategy, str) else type(strategy).__name__
+            raise UserError(
+                f"--parallel.*: tensor, expert and context parallel need soma_lightning.strategies.FSDP2Strategy "
+                f"(--config specs/strategies/parallel.yaml); trainer.strategy is {name}"
+            )
 
     def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
         # `--trainer.enable_checkpointing false` turns off the `checkpoint` callback this CLI always adds, which

@@ -5,7 +5,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from soma_lightning.nn.decode import DecodeState
 from soma_lightning.nn.rope import rope_tables
-from soma_lightning.nn.semantic_graph import SemanticGraph
+from soma_lightning.nn.semantic_graph import AttentionGraph, SemanticGraph
 
 
 @dataclass
@@ -16,7 +16,7 @@ class SequenceContext:
     positions: Tensor  # [B, T] integer positions (RoPE reads them)
     doc_ids: Tensor | None = None  # [B, T] document index within a packed window; attention stays inside one
     structure: Tensor | None = None  # [B, T, L] enclosing-span starts per position (data_modules/structure.py)
-    semantic_graph: SemanticGraph | None = None  # SOSM: set by the semantic-state embedding, read by GraphAttention
+    semantic_graph: SemanticGraph | AttentionGraph | None = None  # SOSM: set by the semantic-state embedding, read by GraphAttention
     mtp: list | None = None  # where MTP heads put their predictions (training); None skips the heads
     decode: DecodeState | None = None  # incremental decoding: the tokens are the newest of the sequence it holds
 

@@ -2,9 +2,10 @@
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.protocols import check_positive
+from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
 
 
 class GeluMLP(nn.Module):
@@ -22,8 +23,11 @@ class GeluMLP(nn.Module):
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         return self.linear_outer(self.drop(F.gelu(self.linear_inner(x))))
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return 2 * 2 * self.linear_inner.in_features * self.linear_inner.out_features
-
     def supports_static_decode(self) -> bool:
         return True
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, ParallelStyle]:
+        """The hidden units split over the ranks: the inner layer column-wise, the outer row-wise."""
+        if self.linear_inner.out_features % tp:
+            raise ComponentArgumentError("hidden_dim", f"{self.linear_inner.out_features} does not split over tp={tp} tensor-parallel ranks")
+        return {"linear_inner": ColwiseParallel(), "linear_outer": RowwiseParallel()}

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import DecodeState, RecurrentCache
@@ -21,6 +23,7 @@ from soma_lightning.nn.ops.delta_rule import (
     short_conv,
 )
 from soma_lightning.nn.protocols import ComponentArgumentError, check_positive, linear_flops
+from soma_lightning.nn.tensor_parallel import ParameterPlacements, local, local_segments
 
 
 def document_resets(ctx: SequenceContext) -> tuple[Tensor, Tensor] | tuple[None, None]:
@@ -76,26 +79,32 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.norm = nn.RMSNorm(v_head_dim, eps=norm_eps)
 
-    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _segments(self) -> list[int]:
+        """The channels of q, k and v in the convolution's input, in order."""
         key_dim = self.num_heads * self.head_dim
-        q, k, v = qkv.split([key_dim, key_dim, self.num_v_heads * self.v_head_dim], dim=-1)
-        q, k = q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_heads, self.head_dim))
-        return q, k, v.unflatten(-1, (self.num_v_heads, self.v_head_dim))
+        return [key_dim, key_dim, self.num_v_heads * self.v_head_dim]
+
+    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        shards = sum(self._segments()) // qkv.shape[-1]  # 1, or tp on a tensor-parallel rank (its share of the heads)
+        q, k, v = qkv.split([n // shards for n in self._segments()], dim=-1)
+        q, k = q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim))
+        return q, k, v.unflatten(-1, (-1, self.v_head_dim))
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         inputs = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         beta = self.b_proj(x).sigmoid()
-        g = -self.A_log.exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        g = -local(self.A_log).exp() * F.softplus(self.a_proj(x).float() + local(self.dt_bias))
         if ctx.decode is None:
             resets, bounds = document_resets(ctx)
             conv_impl = self.impl if self.impl in ("auto", "fla") else "torch"
-            q, k, v = self._heads(short_conv(inputs, self.conv, resets, conv_impl, cu_seqlens=bounds))
+            conv = local_segments(self.conv, self._segments())
+            q, k, v = self._heads(short_conv(inputs, conv, resets, conv_impl, cu_seqlens=bounds))
             o = gated_delta_rule(q, k, v, g, beta, resets, impl=self.impl, cu_seqlens=bounds)
         else:
             o = self._continue(inputs, g, beta, ctx.decode)
         # The norm's weight in o's dtype: under autocast o is bf16, and a float32 weight would miss the fused kernel.
-        o = F.rms_norm(o, self.norm.normalized_shape, self.norm.weight.to(o.dtype), self.norm.eps)
-        o = o * self.gate_proj(x).unflatten(-1, (self.num_v_heads, self.v_head_dim)).sigmoid()
+        o = F.rms_norm(o, self.norm.normalized_shape, local(self.norm.weight).to(o.dtype), self.norm.eps)
+        o = o * self.gate_proj(x).unflatten(-1, (-1, self.v_head_dim)).sigmoid()
         return self.out_proj(o.flatten(-2))
 
     def prepare_context(self, ctx: SequenceContext) -> None:
@@ -127,3 +136,15 @@ class GatedDeltaNet(nn.Module):
         # Per value head: w S, q S and the state update (2KV each); q k^T, A and the products with delta,
         # then the solves for u and w (about 2C(K + V) each).
         return projections + self.num_v_heads * (3 * 2 * k * v + 2 * 2 * c * (k + v))
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, ParallelStyle]:
+        """Heads split over the ranks (each rank's value heads with the q/k heads they read): the
+        projections column-wise, the output row-wise, the decay parameters by head, the convolution's q, k
+        and v channels and the head norm read whole and applied to this rank's heads."""
+        if self.num_heads % tp:
+            raise ComponentArgumentError("num_heads", f"{self.num_heads} heads do not split over tp={tp} tensor-parallel ranks")
+        plan: dict[str, ParallelStyle] = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "gate_proj")}
+        return plan | {
+            "out_proj": RowwiseParallel(), "": ParameterPlacements(A_log=Shard(0), dt_bias=Shard(0), conv=Replicate()),
+            "norm": ParameterPlacements(weight=Replicate()),
+        }

@@ -10,14 +10,19 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.decode import cached_attention, causal_mask
+from soma_lightning.nn.differential import Differential, cached_differential
 from soma_lightning.nn.ops.attention.backends import BACKENDS
+from soma_lightning.nn.ops.attention.differential import rope_halves
 from soma_lightning.nn.ops.attention.masks import visible
 from soma_lightning.nn.ops.attention.structure_bias import structure_bias
-from soma_lightning.nn.protocols import ComponentArgumentError
+from soma_lightning.nn.protocols import ComponentArgumentError, linear_flops
 from soma_lightning.nn.rope import apply_rope
+from soma_lightning.nn.tensor_parallel import ParameterPlacements, SharedHeadsParallel, local
 
 
 class GroupedQueryAttention(nn.Module):
@@ -27,7 +32,8 @@ class GroupedQueryAttention(nn.Module):
     distance between query and key (from the batch's `structure`, see data_modules/structure.py), distances
     from structure_buckets - 1 on sharing the last bucket. `impl`: "auto" (FlexAttention on CUDA where the
     pattern needs a mask and no dropout applies, SDPA otherwise), "sdpa", "flex" (refuses dropout > 0) or
-    "reference"."""
+    "reference". `differential`: differential attention (nn/differential.py), two softmax maps per head under
+    the same pattern and bias, the second weighted by a learned lambda starting near `lambda_init`."""
 
     default_name = "attention"
 
@@ -35,6 +41,7 @@ class GroupedQueryAttention(nn.Module):
         self, d_model: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None, qk_norm: bool = False,
         bias: bool = False, rope_base: float = 10000.0, window: int | None = None, global_stride: int | None = None,
         structure_buckets: int | None = None, dropout: float = 0.0, impl: Literal["auto", "sdpa", "flex", "reference"] = "auto",
+        differential: bool = False, lambda_init: float = 0.8,
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -60,6 +67,8 @@ class GroupedQueryAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
         self.structure_bias = nn.Parameter(torch.zeros(num_heads, structure_buckets)) if structure_buckets else None
+        self.differential = Differential(head_dim, lambda_init) if differential else None
+        self.rope_dim = head_dim // 2 if differential else head_dim
 
     @property
     def impl(self) -> str:
@@ -79,29 +88,38 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = ctx.rope(self.head_dim, self.rope_base)
-        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        cos, sin = ctx.rope(self.rope_dim, self.rope_base)
+        rope = apply_rope if self.differential is None else rope_halves
+        q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)
         y = self._attend(q, k, v, ctx) if ctx.decode is None else self._attend_cached(q, k, v, ctx)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
         self._require_structure(ctx)
-        return self.backend(q, k, v, ctx, self.structure_bias, self.dropout if self.training else 0.0)
+        table, dropout_p = local(self.structure_bias), self.dropout if self.training else 0.0
+        if self.differential is None:
+            return self.backend(q, k, v, ctx, table, dropout_p)
+        if self.impl == "reference":
+            groups = q.shape[1] // k.shape[1]
+            bias = structure_bias(table, ctx.structure) if table is not None else None
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            return self.differential.reference(q, k, v, self.backend.dense_mask(q, ctx), bias, dropout_p)
+        return self.differential(lambda qh, kh: self.backend(qh, kh, v, ctx, table, dropout_p), q, k)
 
     def _require_structure(self, ctx: SequenceContext) -> None:
         if self.structure_bias is not None and ctx.structure is None:
             raise ValueError("structure_buckets is set, but the batch carries no `structure` (data.init_args.structure: true)")
 
     def prepare_context(self, ctx: SequenceContext) -> None:
-        ctx.rope(self.head_dim, self.rope_base)
+        ctx.rope(self.rope_dim, self.rope_base)
         if ctx.decode is None:
             self._require_structure(ctx)
-            self.backend.prepare(ctx, self.structure_bias, self.dropout if self.training else 0.0)
+            self.backend.prepare(ctx, local(self.structure_bias), self.dropout if self.training else 0.0)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext) -> Tensor:
         """The new positions' queries against the cached keys (the KV heads only), under the same pattern
@@ -119,6 +137,8 @@ class GroupedQueryAttention(nn.Module):
             if state.structure is None:
                 raise ValueError("structure_buckets is set, but decoding was given no `structure` rows")
             bias = structure_bias(self.structure_bias, state.structure[:, t - n :], state.structure)
+        if self.differential is not None:
+            return cached_differential(state, self, self.differential, q, k, v, mask, bias)
         return cached_attention(state, self, q, k, v, mask, bias)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -134,8 +154,9 @@ class GroupedQueryAttention(nn.Module):
                 full, rest = divmod(m, s)
                 far = m + s * full * (full - 1) // 2 + full * rest
             keys = (local + far) / t
-        projections = 2 * (self.q_proj.weight.numel() + self.k_proj.weight.numel() + self.v_proj.weight.numel() + self.o_proj.weight.numel())
-        return projections + 2 * 2 * self.num_heads * self.head_dim * keys
+        projections = sum(linear_flops(p) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        maps = 1 if self.differential is None else 2  # QK^T costs the same over two half-width maps; AV twice
+        return projections + (2 + 2 * maps) * self.num_heads * self.head_dim * keys
 
     def reads_structure(self) -> bool:
         return self.structure_bias is not None
@@ -143,3 +164,19 @@ class GroupedQueryAttention(nn.Module):
     def supports_static_decode(self) -> bool:
         """Not with the structural bias: its decoding reads the structure rows, which grow with the length."""
         return self.structure_bias is None
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, ParallelStyle]:
+        """Heads split over the ranks (query heads with their key/value heads): q, k, v column-wise, o row-wise,
+        the QK-norms over head-split activations, the structural bias by head. With fewer key/value heads than
+        ranks, each rank computes the one its query heads read (k and v whole on every rank)."""
+        if self.num_heads % tp:
+            raise ComponentArgumentError("num_heads", f"{self.num_heads} heads do not split over tp={tp} tensor-parallel ranks")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            raise ComponentArgumentError("num_kv_heads", f"{self.num_kv_heads} heads neither split over nor divide tp={tp} tensor-parallel ranks")
+        kv = ColwiseParallel() if self.num_kv_heads % tp == 0 else SharedHeadsParallel(self.num_kv_heads)
+        plan: dict[str, ParallelStyle] = {"q_proj": ColwiseParallel(), "k_proj": kv, "v_proj": kv, "o_proj": RowwiseParallel()}
+        if self.q_norm is not None:
+            plan |= {"q_norm": SequenceParallel(sequence_dim=2, use_local_output=True), "k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)}
+        if self.structure_bias is not None:
+            plan[""] = ParameterPlacements(structure_bias=Shard(0))
+        return plan

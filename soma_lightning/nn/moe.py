@@ -1,5 +1,6 @@
 """Mixture-of-experts FFN: a linear router, top-k routing, optional capacity with token dropping, and
-load balancing (Switch auxiliary loss, router z-loss, or the auxiliary-loss-free bias).
+load balancing (Switch auxiliary loss, router z-loss, or the auxiliary-loss-free bias). `routing`
+"expert_choice" and "soft" route per chunk, in causal forms (moe_routing.py).
 
 Experts run either as one grouped GEMM over the tokens sorted by expert (`torch._grouped_mm`, bf16 on
 Hopper) or as a plain loop over experts; both compute the same function.
@@ -12,9 +13,12 @@ from typing import Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from soma_lightning.nn.context import SequenceContext
+from soma_lightning.nn.moe_routing import chunk_routed_forward
 from soma_lightning.nn.protocols import ComponentArgumentError, check_positive
+from soma_lightning.nn.tensor_parallel import ExpertHiddenParallel
 
 
 @torch.library.custom_op("soma_lightning::segment_mm", mutates_args=())
@@ -108,6 +112,9 @@ class MoE(nn.Module):
         bias_update_rate: float = 0.001,
         num_shared_experts: int = 0,
         impl: Literal["auto", "loop", "grouped"] = "auto",
+        routing: Literal["top_k", "expert_choice", "soft"] = "top_k",
+        routing_chunk: int = 64,
+        slots_per_expert: int = 1,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -116,12 +123,16 @@ class MoE(nn.Module):
             raise ComponentArgumentError("top_k", f"must be in 1..num_experts ({num_experts}), got {top_k}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ComponentArgumentError("capacity_factor", f"must be positive or null (dropless), got {capacity_factor}")
-        check_positive(hidden_dim=hidden_dim)
+        check_positive(hidden_dim=hidden_dim, routing_chunk=routing_chunk, slots_per_expert=slots_per_expert)
+        if routing != "top_k" and (capacity_factor is not None or balance == "aux_free"):
+            raise ComponentArgumentError("routing", f"{routing!r} balances by itself: leave capacity_factor null and balance not 'aux_free'")
+        # expert_choice and soft route chunk c by chunk c - routing_delay (moe_routing.py); 0 only in the leak test.
+        self.routing, self.routing_chunk, self.slots_per_expert, self.routing_delay = routing, routing_chunk, slots_per_expert, 1
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.capacity_factor, self.balance = capacity_factor, balance
         self.aux_loss_weight, self.z_loss_weight, self.bias_update_rate = aux_loss_weight, z_loss_weight, bias_update_rate
         self.swiglu, self.impl = activation == "swiglu", impl
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.router = nn.Linear(d_model, num_experts * (slots_per_expert if routing == "soft" else 1), bias=False)
         width_in = 2 * hidden_dim if self.swiglu else hidden_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, d_model))
@@ -140,11 +151,28 @@ class MoE(nn.Module):
         self.stats: dict[str, Tensor] = {}
 
     def _experts(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Rows of x sorted by expert, counts[e] rows for expert e, through their experts. Expert parallelism
+        overrides this method to send the rows to the ranks holding their experts (parallel/expert_parallel.py)."""
+        return self._run_experts(x, counts, self.w_in, self.w_out)
+
+    def _run_experts(self, x: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
         grouped = self.impl == "grouped" or (self.impl == "auto" and x.is_cuda and x.dtype == torch.bfloat16)
         run = expert_grouped if grouped else expert_loop
-        return run(x, self.w_in.to(x.dtype), self.w_out.to(x.dtype), counts, self.swiglu)
+        return run(x, w_in.to(x.dtype), w_out.to(x.dtype), counts, self.swiglu)
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+    def shared_experts(self, flat: Tensor, dtype: torch.dtype) -> Tensor | float:
+        """The shared experts' output for the tokens flat [N, D]; 0 without them."""
+        out = 0.0
+        for w_in, w_out in zip(self.shared_in, self.shared_out) if self.shared_in is not None else ():
+            out = out + (_activate(flat.to(dtype) @ w_in.to(dtype), self.swiglu) @ w_out.to(dtype)).to(flat.dtype)
+        return out
 
     def forward(self, x: Tensor, ctx: SequenceContext) -> Tensor:
+        if self.routing != "top_k":
+            return chunk_routed_forward(self, x, ctx)
         b, t, d = x.shape
         # Position-major order: every token at position <= p comes before any token at a later position.
         flat = x.transpose(0, 1).reshape(t * b, d)
@@ -170,12 +198,10 @@ class MoE(nn.Module):
             # the routing would make torch.compile break the graph and recompile for every batch.
             gate = torch.where(keep, gate, 0.0)
         token = order // self.top_k
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        dtype = self.compute_dtype(x)
         y = self._experts(flat[token].to(dtype), assigned)
         out = torch.zeros_like(flat).index_add_(0, token, (y * gate[order].unsqueeze(-1)).to(flat.dtype))
-        for w_in, w_out in zip(self.shared_in, self.shared_out) if self.shared_in is not None else ():
-            out = out + (_activate(flat.to(dtype) @ w_in.to(dtype), self.swiglu) @ w_out.to(dtype)).to(flat.dtype)
+        out = out + self.shared_experts(flat, dtype)
 
         load = assigned.float() / expert_flat.numel()
         aux = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -223,9 +249,19 @@ class MoE(nn.Module):
         return (self.w_in.numel() + self.w_out.numel()) // self.num_experts
 
     def inactive_parameters(self) -> int:
-        return (self.num_experts - self.top_k) * self.expert_parameters()
+        """Soft routing runs every expert for every chunk; expert choice gives a token top_k on average."""
+        return 0 if self.routing == "soft" else (self.num_experts - self.top_k) * self.expert_parameters()
 
     def flops_per_token(self, seq_len: int) -> float:
         per_expert = 2 * self.expert_parameters()
         shared = 0 if self.shared_in is None else 2 * (self.shared_in.numel() + self.shared_out.numel())
-        return 2 * self.router.weight.numel() + self.top_k * per_expert + shared
+        # soft: num_experts * slots_per_expert slot rows per routing_chunk tokens
+        routed = self.num_experts * self.slots_per_expert / self.routing_chunk if self.routing == "soft" else self.top_k
+        return 2 * self.router.weight.numel() + routed * per_expert + shared
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, ParallelStyle]:
+        """Every expert's hidden units (routed and shared) split over the ranks, the router whole
+        (nn/tensor_parallel.py's ExpertHiddenParallel); composes with expert parallel's split of the experts."""
+        if self.w_out.shape[1] % tp:
+            raise ComponentArgumentError("hidden_dim", f"{self.w_out.shape[1]} does not split over tp={tp} tensor-parallel ranks")
+        return {"": ExpertHiddenParallel()}

@@ -27,14 +27,19 @@ brackets gives the default. The protocols are structural: a user's module joins 
     reads_structure()            reads ctx.structure                          [reads_structure: False]
     decoding()                   switches to what cached decoding reproduces  [decoding: no change]
     prepare_context(ctx)         builds the shared values of ctx it reads     [prepare_context: nothing]
+    tensor_parallel_plan(tp)     how tensor parallelism over tp ranks shards  [tensor_parallel_plan: no
+                                 it (nn/tensor_parallel.py)                    sharding, run whole per rank]
 """
 
 import functools
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import Callable, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 
 class ComponentArgumentError(ValueError):
@@ -139,6 +144,17 @@ class DecodeMode(Protocol):
         another (MoE: no capacity dropping, which depends on how many tokens share the pass)."""
 
 
+@runtime_checkable
+class TensorParallel(Protocol):
+    def tensor_parallel_plan(self, tp: int) -> dict[str, "ParallelStyle"]:
+        """DTensor ParallelStyles by submodule name ("" for the component's own parameters) that shard it over
+        `tp` ranks (tp >= 2), as torch's `parallelize_module` applies them; raises ComponentArgumentError
+        naming the argument that tp must divide. Every rank gets the same input and must return the same
+        output; a parameter left out stays whole on every rank and must get the same gradient on each (its
+        computation sees whole tensors), or be handled by a style (SequenceParallel for a norm over
+        head-split activations). An empty plan runs the component whole on every rank."""
+
+
 # ---------------------------------------------------------------- the helpers that read them
 
 
@@ -214,6 +230,10 @@ def prepare_context(model: nn.Module, ctx) -> None:
     for m in model.modules():
         if _provides(m, PreparesContext):
             m.prepare_context(ctx)
+
+
+def tensor_parallel_plan(module: nn.Module, tp: int) -> dict[str, "ParallelStyle"]:
+    return module.tensor_parallel_plan(tp) if _provides(module, TensorParallel) else {}
 
 
 @contextmanager

@@ -22,3 +22,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     returned in x's dtype."""
     a, b = x.float().chunk(2, dim=-1)
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+
+
+def interleaved_rope_tables(positions: Tensor, second: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """`rope_tables` with the even-indexed frequencies at `positions` and the odd-indexed at `second` [B, T]:
+    two kinds of position, each rotating half of the pairs, across the whole frequency range."""
+    even = torch.arange(head_dim // 2, device=positions.device) % 2 == 0
+    angles = torch.where(even, rope_angles(positions, head_dim, base), rope_angles(second, head_dim, base)).unsqueeze(-2)
+    return angles.cos(), angles.sin()

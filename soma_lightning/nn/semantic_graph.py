@@ -100,6 +100,26 @@ class SemanticGraph(NamedTuple):
     provenance: Tensor
 
 
+class AttentionGraph(NamedTuple):
+    """A SemanticGraph's fields and what the attention layers read besides: edge_gate [B, T, E], the semantic
+    state's learned temporal gate as log sigmoid, added to each slot's attention score (None: no gate);
+    distances, values derived from the edges that the layers of one forward pass share, by key (None: none
+    yet; graph_attention's hop distances)."""
+
+    neighbors: Tensor
+    edge_type: Tensor
+    provenance: Tensor
+    edge_gate: Tensor | None = None
+    distances: dict | None = None
+
+
+def attention_graph(graph: "SemanticGraph | AttentionGraph", **fields) -> AttentionGraph:
+    """`graph` as an AttentionGraph, with `fields` (edge_gate, distances) replaced."""
+    if not isinstance(graph, AttentionGraph):
+        graph = AttentionGraph(graph.neighbors, graph.edge_type, graph.provenance)
+    return graph._replace(**fields)
+
+
 def causal_ema(x: Tensor, decay: float, chunk_size: int) -> Tensor:
     """[B, T, D] -> [B, T, D]: s_t = decay * s_{t-1} + (1 - decay) * x_t, s_{-1} = 0. Chunk by chunk, each
     one [C, C] matmul with the decay powers plus the carry from the previous chunk."""

@@ -1,0 +1,1 @@
+"""Parallelism beyond data parallel: the device mesh, tensor, expert and context parallelism."""
