@@ -3,7 +3,6 @@ activation norms per block; each a warning and nothing else on a model without w
 
 import csv
 import json
-import warnings
 
 import lightning as L
 import pytest

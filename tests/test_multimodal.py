@@ -22,7 +22,6 @@ from soma_lightning.data_modules.tokenizers import read_wav
 from soma_lightning.errors import UserError
 from soma_lightning.lm import RangeCE, SomaLM
 from soma_lightning.spec import ModelSpec, SpecError
-from soma_lightning.token_space import modality_of
 from conftest import tiny_v1_arch, train_losses
 
 TINY = "specs/gpt5_moe_multimodal_tiny.yaml"

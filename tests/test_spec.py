@@ -1,4 +1,3 @@
-import copy
 import subprocess
 import sys
 
@@ -7,7 +6,6 @@ import yaml
 
 from soma_lightning import SpecError, build_model, load_spec
 from soma_lightning.measure import count_parameters
-from soma_lightning.spec import spec_from_dict
 from conftest import tiny_v1_arch
 
 SPECS = "specs"

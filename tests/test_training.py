@@ -3,11 +3,9 @@ reproduces the run, checkpoints survive a failed write."""
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from soma_lightning.checkpoint_io import AtomicCheckpointIO
 from soma_lightning.cli import cli_main

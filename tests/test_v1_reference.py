@@ -1,7 +1,5 @@
 """Our V1 against soma-models' torch modules (the reference), module by module and end to end."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,6 @@ from soma_models.v1.torch.modules.sig_reg import SIGReg as RefSIGReg
 from soma_lightning import build_model
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.lm import SomaLM
-from soma_lightning.spec import ModelSpec
 from soma_lightning.onchain import score
 from soma_lightning.v1 import WeightsError, model_from_canonical, read_canonical, save_canonical, v1_spec
 
