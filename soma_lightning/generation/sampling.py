@@ -57,6 +57,22 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
 
 
+def choose_tokens(
+    logits: Tensor, tokens: Tensor, prompt_length: int, processors: Sequence[LogitsProcessor], temperature: float, top_k: int | None,
+    top_p: float | None, generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor, list[Stage]]:
+    """The processors applied in order to logits [B, V] of the rows `tokens` [B, T] (each stage recorded for
+    traces), then one token drawn per row -> (chosen ids [B], their distribution [B, V], dead [B]: no token
+    allowed, the row's choice meaningless, the stages)."""
+    stages: list[Stage] = []
+    for processor in processors:
+        before, logits = logits, processor(tokens, prompt_length, logits)
+        stages.append((processor.name, before, logits))
+    dead = ~logits.isfinite().any(dim=-1)
+    chosen, sampled = _sample(logits.masked_fill(dead[:, None], 0.0), temperature, top_k, top_p, generator)
+    return chosen, sampled, dead, stages
+
+
 def _generate(
     model: SomaModel, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int,
     processors: list[LogitsProcessor], decoding: str, trace: bool, vocab_ranges: dict[str, list[int]] | None = None,
@@ -78,12 +94,7 @@ def _generate(
         if trace and step == 0:
             layer = attention_layer(model, decoder.state)
         logits = raw.masked_fill(~allowed, float("-inf"))
-        stages: list[Stage] = []
-        for processor in processors:
-            before, logits = logits, processor(tokens, prompt_length, logits)
-            stages.append((processor.name, before, logits))
-        dead = ~logits.isfinite().any(dim=-1)
-        chosen, sampled = _sample(logits.masked_fill(dead[:, None], 0.0), temperature, top_k, top_p, generator)
+        chosen, sampled, dead, stages = choose_tokens(logits, tokens, prompt_length, processors, temperature, top_k, top_p, generator)
         chosen_ids, dead_rows = torch.stack([chosen, dead.long()]).tolist()
         model_probs = raw.softmax(dim=-1) if trace else None
         for row in range(b):

@@ -5,6 +5,8 @@ the slices, compare with the Gaussian characteristic function exp(-t^2/2) on t =
 with weights [dt, 2dt, ..., 2dt, dt] * exp(-t^2/2), multiply by K; the statistic is the mean over tokens.
 """
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +68,11 @@ def _rotation_grad(y: Tensor, a: Tensor, b: Tensor, dt: float, points: int) -> T
     return out
 
 
-# The same two loops as one fused kernel each (about 70 elementwise kernels eager, at V1's training shape).
-_COMPILED = {"means": torch.compile(_rotation_means, dynamic=True), "grad": torch.compile(_rotation_grad, dynamic=True)}
+@functools.cache
+def _compiled(loop: Callable) -> Callable:
+    """One of the two loops as one fused kernel (about 70 elementwise kernels eager, at V1's training shape);
+    made on first use, so that importing this module does not import torch's compiler."""
+    return torch.compile(loop, dynamic=True)
 
 
 class _SIGReg(torch.autograd.Function):
@@ -78,7 +83,7 @@ class _SIGReg(torch.autograd.Function):
     def forward(ctx, y: Tensor, t_max: float, points: int, compiled: bool) -> Tensor:
         t, phi, weights = _grid(t_max, points, y.device)
         dt = t_max / (points - 1)
-        cos_mean, sin_mean = (_COMPILED["means"] if compiled else _rotation_means)(y, dt, points)
+        cos_mean, sin_mean = (_compiled(_rotation_means) if compiled else _rotation_means)(y, dt, points)
         err = (cos_mean - phi) ** 2 + sin_mean**2
         ctx.save_for_backward(y, cos_mean, sin_mean)
         ctx.t_max, ctx.points, ctx.compiled = t_max, points, compiled
@@ -92,7 +97,7 @@ class _SIGReg(torch.autograd.Function):
         # d stat / d y_k = sum_j 2 w_j t_j (-(cos_mean_j - phi_j) sin(t_j y_k) + sin_mean_j cos(t_j y_k))
         a = 2 * weights * t * -(cos_mean - phi)
         b = 2 * weights * t * sin_mean
-        out = (_COMPILED["grad"] if ctx.compiled else _rotation_grad)(y, a, b, dt, ctx.points)
+        out = (_compiled(_rotation_grad) if ctx.compiled else _rotation_grad)(y, a, b, dt, ctx.points)
         return out * grad.unsqueeze(-1), None, None, None
 
 

@@ -17,7 +17,7 @@ max_tokens, a stop string, or its client cancelling) frees its slot at once and 
 (its batch row runs on, fed EOS, until the cohort's last row ends and the cohort is dropped).
 
 Each row samples and applies its own logits processors exactly as `generate` does for a one-row prompt
-(the same `_sample`, the same processor calls, the same trace records), so a request alone in its cohort
+(the same `choose_tokens`, the same trace records), so a request alone in its cohort
 gets `generate`'s logits bit for bit; in a cohort of several, the batched matrix products may differ from
 the one-row ones in the last bits of float32, which leaves greedy tokens equal unless two candidates tie
 to within rounding.
@@ -34,7 +34,7 @@ from torch import Tensor
 from soma_lightning.generation import dropless
 from soma_lightning.generation.constraints import LogitsProcessor
 from soma_lightning.generation.decoders import Decoder, emittable
-from soma_lightning.generation.sampling import _sample
+from soma_lightning.generation.sampling import choose_tokens
 from soma_lightning.generation.trace import Stage, attention_layer, token_record
 from soma_lightning.lm import SomaLM
 
@@ -167,13 +167,12 @@ class _Cohort:
             chosen.append(rows.masked_fill(dead[-1][:, None], 0.0).argmax(dim=-1))
         for i in own:
             row = self.rows[i]
-            row_logits, stages[i] = logits[i : i + 1], []
-            for processor in row.completion.processors:
-                before, row_logits = row_logits, processor(self.tokens[i : i + 1], len(row.completion.prompt), row_logits)
-                stages[i].append((processor.name, before, row_logits))
-            dead.append(~row_logits.isfinite().any(dim=-1))
-            token, sampled[i] = _sample(row_logits.masked_fill(dead[-1][:, None], 0.0), row.completion.temperature, None, row.completion.top_p, row.generator)
+            c = row.completion
+            token, sampled[i], row_dead, stages[i] = choose_tokens(
+                logits[i : i + 1], self.tokens[i : i + 1], len(c.prompt), c.processors, c.temperature, None, c.top_p, row.generator
+            )
             chosen.append(token)
+            dead.append(row_dead)
         chosen_ids, dead_rows = torch.stack([torch.cat(chosen), torch.cat(dead).long()]).tolist()  # one transfer to the host
         model_probs = raw.softmax(dim=-1) if self.trace else None
         for i, token, no_token in zip(plain + own, chosen_ids, dead_rows):
