@@ -31,8 +31,10 @@ def block_orthogonality(mu: Tensor) -> Tensor:
     of a position's blocks: 0 when every block points elsewhere."""
     blocks = F.normalize(mu_blocks(mu), dim=-1)
     gram = blocks @ blocks.transpose(-1, -2)  # [B, T, 16, 16]
-    off_diagonal = ~torch.eye(NUM_BLOCKS, dtype=torch.bool, device=mu.device)
-    return gram[..., off_diagonal].pow(2).mean()
+    # a mask multiplied in, not boolean indexing: the memory plan traces this with fake tensors, which cannot
+    # give boolean indexing's output shape
+    off_diagonal = 1 - torch.eye(NUM_BLOCKS, dtype=gram.dtype, device=mu.device)
+    return (gram.pow(2) * off_diagonal).sum(dim=(-2, -1)).mean() / (NUM_BLOCKS * (NUM_BLOCKS - 1))
 
 
 def variance_hinge(mu: Tensor) -> Tensor:
