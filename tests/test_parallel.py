@@ -1,7 +1,9 @@
 """Tensor, expert and context parallel on CPU: the `--parallel.*` mesh and its errors, tensor parallel over
-2 gloo processes against one process (loss and every gradient), and a run that resumes across meshes."""
+2 gloo processes against one process (loss and every gradient; also with compiled blocks), expert parallel
+beside data-parallel shards over 4, and runs (V1, MoE) that resume across meshes."""
 
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from soma_lightning.errors import UserError
 from soma_lightning.lm import SomaLM
 from soma_lightning.nn.protocols import auxiliary_terms
-from soma_lightning.parallel.mesh import ParallelDims, build_mesh
+from soma_lightning.parallel.mesh import ParallelDims, batch_rank, build_mesh
 from soma_lightning.parallel.parallelize import apply_tensor_parallel, check_context_parallel, clip_grad_norm_, context_parallel_step, parallelize
 from soma_lightning.spec import spec_from_dict
 from conftest import one_error_line, run_config, tiny_v1_arch, train_losses
@@ -26,17 +28,20 @@ TP_SPECS = ["v1", "specs/gpt5_moe_tiny.yaml", "specs/hybrid_tiny.yaml", "specs/s
 EP_SPECS = ["specs/gpt5_moe_tiny.yaml", "specs/hybrid_tiny.yaml"]
 
 
-def _arch_and_batch(spec: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A spec's model mapping and one training batch of it (2 rows of 32 tokens, with the annotations it reads)."""
+def _arch_and_annotations(spec: str) -> tuple[dict, dict[str, bool]]:
+    """A spec's model mapping and the batch annotations its data section asks for ("v1": tiny V1, none)."""
+    if spec == "v1":
+        return tiny_v1_arch(d_model=32, hidden_dim=64), {}
+    cfg = yaml.safe_load(open(spec))
+    return cfg["model"]["arch"], {k: v for k, v in cfg["data"]["init_args"].items() if k in ("doc_ids", "structure")}
+
+
+def _arch_and_batch(spec: str, rows: int = 2) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A spec's model mapping and one training batch of it (`rows` rows of 32 tokens, with the annotations it reads)."""
     from soma_lightning.data_modules import ByteCorpus
 
-    if spec == "v1":
-        arch, annotations = tiny_v1_arch(d_model=32, hidden_dim=64), {}
-    else:
-        cfg = yaml.safe_load(open(spec))
-        arch = cfg["model"]["arch"]
-        annotations = {k: v for k, v in cfg["data"]["init_args"].items() if k in ("doc_ids", "structure")}
-    data = ByteCorpus(seq_len=32, batch_size=2, **annotations)
+    arch, annotations = _arch_and_annotations(spec)
+    data = ByteCorpus(seq_len=32, batch_size=rows, **annotations)
     data.setup()
     return arch, next(iter(data.train_dataloader()))
 
@@ -196,9 +201,105 @@ def test_expert_parallel_under_parallelize_gives_one_process_gradients(two_ranks
     assert r["bad"] == [], r
 
 
-def _run(tmp_path: Path, name: str, *args: str) -> None:
-    config = str(run_config(tmp_path, name, 6, dropout=0.0))
-    _fit("--config", config, "--model.sigreg.coefficient", "0", "--trainer.devices", "2", "--config", "specs/strategies/parallel.yaml", *args)
+COMPILE_SPECS = ["v1", "specs/gpt5_moe_tiny.yaml"]
+
+
+def _compile_worker(rank: int, init_file: str, out: str) -> None:
+    """Rank `rank` of 2: for each spec, tp=2 with every block compiled (inductor) against one eager process on
+    the same batch. An evaluation forward of half the sequence comes first, as Lightning's sanity check runs
+    at val_seq_len before training, so the training step compiles for a second shape."""
+    from torch._dynamo.utils import counters
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results: dict[str, dict] = {}
+    for spec in COMPILE_SPECS:
+        # One mesh per model, as a run has: torch 2.13's inductor fails on a model whose DTensors lie on meshes
+        # that another model's compiled graph already saw ("device_mesh._get_submesh is not an OpOverload").
+        mesh = build_mesh(ParallelDims(dp_shard=1, tp=2), "cpu")
+        arch, batch = _arch_and_batch(spec)
+        torch.manual_seed(0)
+        one = SomaLM(spec_from_dict(arch))
+        want = _loss(one, batch)
+        want.backward()
+        torch.manual_seed(0)
+        tp = SomaLM(spec_from_dict(arch))
+        parallelize(tp.model, mesh, tp.arch, compile=True)
+        counters.clear()
+        with torch.no_grad():
+            _loss(tp, {k: v[:, :16] for k, v in batch.items()})
+        loss = _loss(tp, batch)
+        loss.backward()
+        graphs = counters["stats"]["unique_graphs"]
+        results[spec] = {"loss": loss.item(), "want": want.item(), "graphs": graphs, **_compare(_grads(tp), _grads(one), 1e-5, 1e-6)}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_compiled_blocks_gives_one_process_loss_and_gradients(tmp_path):
+    """tp=2 with `--model.compile true` (parallelize compiles each block after sharding it, each input shape
+    to its own static graph): the loss and every gradient are one eager process's, for V1 and gpt5_moe_tiny."""
+    out = tmp_path / "results.json"
+    mp.spawn(_compile_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2)
+    for spec, r in json.loads(out.read_text()).items():
+        assert r["graphs"] >= 2, (spec, r)  # the evaluation forward's and the training step's
+        assert r["loss"] == pytest.approx(r["want"], rel=1e-5), (spec, r)
+        assert r["bad"] == [], (spec, r)
+
+
+def _dp_ep_worker(rank: int, init_file: str, out: str) -> None:
+    """Rank `rank` of 4 on the mesh dp_shard=2 x ep=2: each rank reads its own row of 4."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
+    mesh = build_mesh(ParallelDims(dp_shard=2, ep=2), "cpu")
+    arch, batch = _arch_and_batch("specs/gpt5_moe_tiny.yaml", rows=4)
+    arch = _row_separable(arch)
+    torch.manual_seed(0)
+    one = SomaLM(spec_from_dict(arch))
+    want = _loss(one, batch)
+    want.backward()
+    torch.manual_seed(0)
+    ep = SomaLM(spec_from_dict(arch))
+    parallelize(ep.model, mesh, ep.arch)
+    row = batch_rank(mesh)
+    loss = _loss(ep, {k: v[row : row + 1] for k, v in batch.items()})
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    meshes = sorted({str(p.device_mesh.mesh_dim_names) for n, p in ep.model.named_parameters() if n.endswith(("w_in", "w_out"))})
+    result = {"row": row, "meshes": meshes, **_compare(_grads(ep), _grads(one), 1e-5, 1e-6)}
+    per_rank = [None] * 4
+    dist.all_gather_object(per_rank, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"loss": total.item() / 4, "want": want.item(), "ranks": per_rank}))
+    dist.destroy_process_group()
+
+
+def test_expert_parallel_beside_data_parallel_shards_gives_one_process_gradients(tmp_path):
+    """dp_shard=2 x ep=2 (4 processes, one row each): the experts, split over each ep pair and out of FSDP2,
+    have their gradients scaled by 1/ep and averaged over the 2 dp_shard replicas; on every rank the mean
+    loss and every gradient are one process's on all 4 rows (dropless, without balancing losses)."""
+    out = tmp_path / "results.json"
+    mp.spawn(_dp_ep_worker, args=(str(tmp_path / "init"), str(out)), nprocs=4)
+    r = json.loads(out.read_text())
+    assert r["loss"] == pytest.approx(r["want"], rel=1e-5), r
+    assert sorted(rank["row"] for rank in r["ranks"]) == [0, 1, 2, 3]
+    for rank in r["ranks"]:
+        assert rank["meshes"] == [str(("ep",))], r
+        assert rank["bad"] == [], r
+
+
+def _run(tmp_path: Path, name: str, *args: str, spec: str = "v1") -> subprocess.CompletedProcess:
+    """`fit` of run_config's 6-step run on 2 processes under the parallel overlay. A `spec` other than v1 gives
+    it that spec's model (its MoEs `_row_separable`) and the batch annotations the spec's data section asks for."""
+    config = run_config(tmp_path, name, 6, dropout=0.0)
+    if spec != "v1":
+        arch, annotations = _arch_and_annotations(spec)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"]["arch"] = _row_separable(arch)
+        cfg["data"]["init_args"] |= annotations
+        config.write_text(yaml.safe_dump(cfg))
+    return _fit("--config", str(config), "--model.sigreg.coefficient", "0", "--trainer.devices", "2", "--config", "specs/strategies/parallel.yaml", *args)
 
 
 @pytest.mark.slow
@@ -211,6 +312,21 @@ def test_a_run_resumes_on_another_mesh_and_continues_its_losses(tmp_path):
     _run(tmp_path, "split", "--data.init_args.batch_size", "2", stop(2))
     _run(tmp_path, "split", "--ckpt_path", "last", "--parallel.tp", "2", "--data.init_args.batch_size", "4", stop(4))
     _run(tmp_path, "split", "--ckpt_path", "last", "--data.init_args.batch_size", "2")
+    straight = train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
+    resumed = train_losses(tmp_path / "runs/split/version_0/metrics.csv")
+    assert sorted(resumed) == list(range(6))
+    assert [resumed[s] for s in range(6)] == pytest.approx([straight[s] for s in range(6)], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_moe_run_saved_under_fsdp2_resumes_as_tensor_parallel_and_continues_its_losses(tmp_path):
+    """gpt5_moe_tiny saved under FSDP2 over 2 ranks resumes as tensor parallel over 2 ranks, its experts then
+    split by hidden unit; its losses are those of the run that never stopped (global batch 4 rows)."""
+    moe = "specs/gpt5_moe_tiny.yaml"
+    _run(tmp_path, "straight", "--data.init_args.batch_size", "2", spec=moe)
+    _run(tmp_path, "split", "--data.init_args.batch_size", "2", _callbacks(("conftest.StopAtStep", {"step": 3})), spec=moe)
+    done = _run(tmp_path, "split", "--ckpt_path", "last", "--parallel.tp", "2", "--data.init_args.batch_size", "4", spec=moe)
+    assert "tensor parallel over 2 ranks: 4 of 4 block components sharded" in done.stdout + done.stderr
     straight = train_losses(tmp_path / "runs/straight/version_0/metrics.csv")
     resumed = train_losses(tmp_path / "runs/split/version_0/metrics.csv")
     assert sorted(resumed) == list(range(6))

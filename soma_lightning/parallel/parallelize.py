@@ -59,8 +59,11 @@ def parallelize(
         apply_expert_parallel(model, mesh["ep"], mesh["ep", "tp"] if dims.tp > 1 else None)
     model.encoder.activation_checkpointing = activation_checkpointing
     if compile:
+        # Under tensor parallel each input shape (training, validation) gets its own static graph: tracing
+        # the backward of DTensor layers with dynamic shapes, as a recompile for a second shape would, fails
+        # in torch's AOTAutograd (RecursionError in proxy_tensor.get_proxy_slot, torch 2.13).
         for layer in model.encoder.layers:
-            layer.compile()
+            layer.compile(dynamic=False if dims.tp > 1 else None)
     if mesh is not None:
         apply_fsdp(model, mesh)
 
