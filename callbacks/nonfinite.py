@@ -152,7 +152,7 @@ class NonFiniteGuard(L.Callback):
         """Reads the test back at once (one host sync) and drops a bad step by clearing the gradients."""
         params = _params(optimizer)
         # Each rank's shards (tensor parallel shards over meshes that one stack could not mix); all ranks vote below.
-        grads = [local(p.grad) for p in params if p.grad is not None]
+        grads = [g for p in params if p.grad is not None and (g := local(p.grad)).numel()]  # a shard may be empty
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             grads = []  # fp16's GradScaler expects overflowing gradients now and then: it skips those steps itself
         # One multi-tensor kernel (as in clip_grad_norm_); a tensor's max-norm is NaN or inf exactly when one of

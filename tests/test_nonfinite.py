@@ -103,6 +103,16 @@ def test_skip_names_the_module_and_drops_only_the_bad_step(tmp_path):
     assert all(adam.state[p]["step"] == 3 for p in lm.model.parameters())
 
 
+def test_a_rank_whose_shard_of_a_parameter_is_empty_is_checked_like_any_other(tmp_path):
+    """FSDP2 over more ranks than a small parameter has rows (gpt5_moe's 2-row modality embedding over 4 GPUs)
+    leaves some ranks an empty shard, so an empty gradient; torch's infinity norm of an empty tensor is an error."""
+    lm, guard = rigged_lm("gradient"), NonFiniteGuard(action="skip")
+    lm.model.empty_shard = torch.nn.Parameter(torch.empty(0, 4))
+    lm.model.get_submodule("encoder.layers.0.pwff").register_forward_hook(lambda module, args, out: out + lm.model.empty_shard.sum())
+    trainer, _ = fit(lm, guard, tmp_path, max_steps=3)
+    assert guard.skipped == 1 and guard.last_report["step"] == BAD_STEP and trainer.global_step == 3
+
+
 def test_stop_checkpoints_the_last_finite_weights_and_stops(tmp_path):
     lm, guard = rigged_lm("output"), NonFiniteGuard(action="stop")
     trainer, snapshots = fit(lm, guard, tmp_path, max_steps=4)
