@@ -1,5 +1,5 @@
 """Training throughput (tokens/s, TFLOP/s, MFU) over each logging interval, with one device synchronisation per
-log rather than one per step."""
+log rather than one per step, and the peak GPU memory of any rank."""
 
 import warnings
 from time import perf_counter
@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from soma_lightning.measure import train_flops_per_token
+from soma_lightning.parallel.mesh import batch_replica
 
 # Dense bf16 tensor-core peaks (FLOP/s), from the vendors' datasheets (SXM parts).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -26,6 +27,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes torch.cuda.max_memory_allocated reports for `device`; None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def lightning_logs_this_step(trainer: L.Trainer) -> bool:
     """Whether Lightning writes the step metrics of the batch that has just ended; asked in on_train_batch_end.
     The condition of `_LoggerConnector.update_train_step_metrics`, which runs right after that hook: nothing while
@@ -39,7 +45,12 @@ def lightning_logs_this_step(trainer: L.Trainer) -> bool:
 class Throughput(L.Callback):
     """Logs, and shows in the progress bar, train/tokens_per_s, train/tflops and train/mfu (against the dense
     bf16 peak of the GPU, when known), each the mean over the steps since the previous log. FLOPs per token are
-    the spec's analytic count (measure.py).
+    the spec's analytic count (measure.py). On CUDA it also logs train/peak_memory_gib: the largest
+    torch.cuda.max_memory_allocated of any rank since training started.
+
+    Tokens. A step trains on each batch replica's batch (the ranks that read different batches: the world size
+    under DDP and FSDP2, fewer under tensor and context parallel, whose ranks share a batch), read as it
+    arrives: context parallel leaves each rank its chunks of the sequence after the step.
 
     Timing. CUDA runs asynchronously: when a step's hooks return, the host has only queued the step's kernels,
     so a host timestamp taken then is early by whatever work is still queued, and the difference of two such
@@ -68,21 +79,27 @@ class Throughput(L.Callback):
         self._elapsed = 0.0  # training time of the current interval before its last pause (validation)
         self._tokens = 0  # tokens trained on in the current interval, all ranks
         self._paused = False
+        self._batch_shape: tuple[int, int] | None = None  # the current batch's tokens [B, T], as it arrived
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak = device_peak_flops(pl_module.device)
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._reset()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._batch_shape = tuple(batch["tokens"].shape)  # host-side: reading it does not wait for the device
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        tokens = batch["tokens"]  # its shape is host-side: reading it does not wait for the device
+        rows, length = self._batch_shape
         if self._start is None:  # the fit's first batch: measure from its end on
             synchronize(pl_module.device)
             self._start = perf_counter()
             return
-        self._tokens += tokens.numel() * trainer.world_size
+        self._tokens += rows * length * batch_replica(trainer.strategy, trainer.global_rank, trainer.world_size)[1]
         if not lightning_logs_this_step(trainer):
             return
         synchronize(pl_module.device)
@@ -92,13 +109,17 @@ class Throughput(L.Callback):
         if seconds <= 0:
             return
         if self.flops_per_token is None:
-            self.flops_per_token = train_flops_per_token(pl_module.model, tokens.shape[1])
+            self.flops_per_token = train_flops_per_token(pl_module.model, length)
         tokens_per_s = count / seconds
         flops = tokens_per_s * self.flops_per_token
         metrics = {"train/tokens_per_s": tokens_per_s, "train/tflops": flops / 1e12}
         if self.peak:
             metrics["train/mfu"] = flops / (self.peak * trainer.world_size)
         pl_module.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}, prog_bar=True)
+        memory = peak_memory(pl_module.device)
+        if memory is not None:  # one collective on the steps every rank logs; the device is idle by now
+            largest = trainer.strategy.reduce(torch.tensor(float(memory), device=pl_module.device), reduce_op="max")
+            pl_module.log("train/peak_memory_gib", torch.tensor(largest.item() / 2**30, dtype=torch.float64))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._start is None or self._paused:

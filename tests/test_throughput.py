@@ -1,10 +1,12 @@
-"""The Throughput callback: rates over each logging interval from a clock read only at synchronised points, and a
-device synchronisation only where a measurement starts or ends (no per-step sync)."""
+"""The Throughput callback: rates over each logging interval from a clock read only at synchronised points, a
+device synchronisation only where a measurement starts or ends (no per-step sync), tokens counted per batch
+replica, and the peak memory of any rank."""
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader
 
 import soma_lightning.callbacks.throughput as throughput
@@ -72,7 +74,33 @@ class _Clock(L.Callback):
         self.now += VAL_SECONDS
 
 
-def _fit(monkeypatch, **trainer_args) -> tuple[L.Trainer, _Recorder, list[tuple[str, int]]]:
+class _ChunksAfterTheStep(_Module):
+    """Leaves the batch holding one token of each sequence after the step, as context parallel leaves a rank its
+    chunks."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        batch["tokens"] = batch["tokens"][:, :1]
+        return loss
+
+
+class _ThreeReplicas(SingleDeviceStrategy):
+    """One process standing in for a mesh of three batch replicas, another rank's peak memory twice this one's."""
+
+    def __init__(self) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self.reductions: list[str] = []
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        return {"num_replicas": 3, "rank": 0}
+
+    def reduce(self, tensor, group=None, reduce_op="mean"):
+        self.reductions.append(reduce_op)
+        return tensor * 2 if reduce_op == "max" else tensor  # Lightning's own reductions (sums) pass through
+
+
+def _fit(monkeypatch, module: L.LightningModule | None = None, **trainer_args) -> tuple[L.Trainer, _Recorder, list[tuple[str, int]]]:
     clock, recorder, syncs = _Clock(), _Recorder(), []
     monkeypatch.setattr(throughput, "perf_counter", clock)
     callback = Throughput()
@@ -83,7 +111,7 @@ def _fit(monkeypatch, **trainer_args) -> tuple[L.Trainer, _Recorder, list[tuple[
     )
     # Stands in for the device: every synchronisation, when it happens.
     monkeypatch.setattr(throughput, "synchronize", lambda device: syncs.append(("val" if trainer.validating else "train", trainer.global_step)))
-    trainer.fit(_Module())
+    trainer.fit(module or _Module())
     return trainer, recorder, syncs
 
 
@@ -114,6 +142,23 @@ def test_tokens_per_s_under_gradient_accumulation(monkeypatch):
     trainer, recorder, syncs = _fit(monkeypatch, max_steps=4, log_every_n_steps=2, accumulate_grad_batches=2, limit_val_batches=0)
     assert _rates(recorder) == pytest.approx({1: (8 + 10 + 12) / 3, 3: (14 + 16 + 18 + 20) / 4})
     assert syncs == [("train", 0), ("train", 2), ("train", 4)]
+
+
+def test_tokens_are_counted_per_batch_replica_as_the_batch_arrived(monkeypatch):
+    # Tensor and context parallel ranks share a batch: a step trains on one batch per replica, not per rank; and
+    # the batch is read before the step, which under context parallel leaves a rank its chunks only.
+    _, recorder, _ = _fit(monkeypatch, module=_ChunksAfterTheStep(), strategy=_ThreeReplicas(), max_steps=4, log_every_n_steps=2, limit_val_batches=0)
+    assert _rates(recorder) == pytest.approx({1: 3 * 8, 3: 3 * (10 + 12) / 2})
+
+
+def test_peak_memory_is_the_largest_of_any_rank_and_logged_on_cuda_only(monkeypatch):
+    _, recorder, _ = _fit(monkeypatch, max_steps=4, log_every_n_steps=2, limit_val_batches=0)
+    assert not [m for _, m in recorder.rows if "train/peak_memory_gib" in m]
+    monkeypatch.setattr(throughput, "peak_memory", lambda device: 3 * 2**29)  # 1.5 GiB, as CUDA would report
+    strategy = _ThreeReplicas()
+    _, recorder, _ = _fit(monkeypatch, strategy=strategy, max_steps=4, log_every_n_steps=2, limit_val_batches=0)
+    assert {step: m["train/peak_memory_gib"] for step, m in recorder.rows if "train/peak_memory_gib" in m} == {1: 3.0, 3: 3.0}
+    assert strategy.reductions.count("max") == 2
 
 
 def test_synchronize_waits_for_cuda_only(monkeypatch):
