@@ -7,12 +7,12 @@ registry: `evaluate` hands it the adapter itself.
 
 import difflib
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable
 
 import torch
 
 from soma_lightning.errors import UserError
-from soma_lightning.generation import generate
 from soma_lightning.generation.decoders import dropless
 from soma_lightning.lm import SomaLM
 
@@ -87,25 +87,46 @@ class SomaEvalLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations (sampled when a task asks for `do_sample`) from the cached decoder, cut at the
-        first of the `until` strings; the prompt keeps its rightmost ids that leave room for `max_gen_toks`."""
-        out = []
+        """Continuations decoded together by the serving engine (serving/engine.py: prompts of different lengths
+        share batches of up to `batch_size` rows, exactly, without padding), greedy unless a task asks for
+        `do_sample`; each ends at the first of its `until` strings, EOS or `max_gen_toks`. The prompt keeps its
+        rightmost ids that leave room for `max_gen_toks`."""
+        from soma_lightning.serving.engine import Completion, Engine, Event
+
+        completions = []
         for context, gen_kwargs in [request.args for request in requests]:
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new_tokens = min(int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.max_length - 1)
             prompt = self.tok_encode(context)[-(self.max_length - max_new_tokens):] or [self.prefix_token_id]
             temperature = float(gen_kwargs.get("temperature", 1.0)) if gen_kwargs.get("do_sample") else 0.0
-            generation = generate(
-                self.module.model, prompt, max_new_tokens, temperature=temperature, vocab_ranges=self.module.arch.vocab_ranges, vocabulary=self.vocabulary
-            )
-            out.append(cut_at(generation.texts[0], until))
-        return out
+            completions.append(Completion(prompt, max_new_tokens, temperature=temperature, stop=[stop for stop in until if stop]))
+        texts: list[list[str]] = [[] for _ in completions]
+        errors: list[str] = []
+        finished = threading.Semaphore(0)
 
+        def collector(i: int) -> Callable[[Event], None]:
+            def emit(event: Event) -> None:  # on the engine's worker thread
+                texts[i].append(event.text)
+                if event.error is not None:
+                    errors.append(event.error)
+                if event.finish_reason is not None or event.error is not None:
+                    finished.release()
 
-def cut_at(text: str, stops: Iterable[str]) -> str:
-    """`text` up to the earliest occurrence of any of `stops`."""
-    return text[: min([text.find(stop) for stop in stops if stop and stop in text], default=len(text))]
+            return emit
+
+        engine = Engine(self.module, device=self.device, max_batch=self.batch_size, max_cohorts=1)
+        engine.start()
+        try:
+            for i, completion in enumerate(completions):
+                engine.submit(completion, collector(i))
+            for _ in completions:
+                finished.acquire()
+        finally:
+            engine.close()
+        if errors:
+            raise RuntimeError(f"evaluate: decoding failed: {errors[0]}")
+        return ["".join(pieces) for pieces in texts]
 
 
 def task_manager(include_path: str | None) -> TaskManager:

@@ -11,7 +11,7 @@ import torch
 
 from conftest import fresh_checkpoint, run_config, tiny_v1_arch
 from soma_lightning.cli import main
-from soma_lightning.evaluation import SomaEvalLM, cut_at, evaluate
+from soma_lightning.evaluation import SomaEvalLM, evaluate
 from soma_lightning.generation import generate
 from soma_lightning.lm import SomaLM
 from soma_lightning.spec import spec_from_dict
@@ -86,13 +86,19 @@ def test_loglikelihood_rolling_scores_the_text_after_eos():
     assert rolling == pytest.approx(log_probs.gather(-1, ids[0, 1:, None]).sum().item(), abs=1e-4)
 
 
-def test_generate_until_cuts_at_the_first_stop_string():
+def test_generate_until_decodes_requests_together_and_cuts_at_the_first_stop_string():
+    """Prompts of different lengths decoded in shared batches (2 rows, so also one after another) give each
+    the greedy continuation `generate` gives it alone, ended at the earliest of its `until` strings."""
     module = tiny_module()
-    full = generate(module.model, "Q: The sky is\nA:", 12, temperature=0, vocabulary=module.vocabulary).texts[0]
-    stop = full[4:6]
-    (text,) = SomaEvalLM(module).generate_until([SimpleNamespace(args=("Q: The sky is\nA:", {"until": ["\x00never", stop], "max_gen_toks": 12}))])
-    assert text == full[: full.index(stop)]
-    assert cut_at("abcabc", ["c", "b"]) == "a" and cut_at("abc", []) == "abc"
+    prompts = ["Q: The sky is\nA:", "To be", "Once upon a time, there", "x"]
+    fulls = [generate(module.model, prompt, 12, temperature=0, vocabulary=module.vocabulary).texts[0] for prompt in prompts]
+    stops = [full[4:6] for full in fulls]
+    requests = [SimpleNamespace(args=(prompt, {"until": ["\x00never", stop], "max_gen_toks": 12})) for prompt, stop in zip(prompts, stops)]
+    requests.append(SimpleNamespace(args=(prompts[1], {"until": [], "max_gen_toks": 12})))
+    texts = SomaEvalLM(module, batch_size=2).generate_until(requests)
+    assert texts[:4] == [full[: full.index(stop)] for full, stop in zip(fulls, stops)]
+    assert texts[4] == fulls[1]
+    assert SomaEvalLM(module).generate_until([]) == []
 
 
 def test_cli_prints_the_table_and_writes_json(tasks, tmp_path, capsys):

@@ -39,7 +39,7 @@ def evaluate(
         tasks: comma-separated task names (the harness's, or those of --include_path)
         include_path: a folder of task YAML files to add to the harness's
         limit: documents per task at most (a fraction of each task if below 1); default: all
-        batch_size: loglikelihood requests per forward pass
+        batch_size: loglikelihood requests per forward pass, and generate_until requests decoded together
         which: which checkpoint of a run directory
         tokenizer: the model's tokenizer file, when it moved since training
         device: cpu, cuda or cuda:N
