@@ -20,9 +20,9 @@ from soma_lightning.lm import SomaLM
 from soma_lightning.nn.context import SequenceContext
 from soma_lightning.nn.moe import MoE
 from soma_lightning.parallel.mesh import ParallelDims, batch_rank, build_mesh
-from soma_lightning.parallel.parallelize import apply_tensor_parallel, parallelize
+from soma_lightning.parallel.parallelize import apply_tensor_parallel
 from soma_lightning.spec import spec_from_dict
-from test_parallel import EP_SPECS, _arch_and_batch, _compare, _grads, _loss, _row_separable
+from test_parallel import EP_SPECS, _arch_and_batch, _compare, _grads, _loss, _reference_and_parallel, _row_separable
 
 LAYERS = {
     "swiglu, shared": dict(num_experts=4, top_k=2, num_shared_experts=2),
@@ -128,14 +128,7 @@ def _tp_ep_worker(rank: int, init_file: str, out: str) -> None:
     results = {}
     for spec in EP_SPECS:
         arch, batch = _arch_and_batch(spec)
-        arch = _row_separable(arch)
-        torch.manual_seed(0)
-        one = SomaLM(spec_from_dict(arch))
-        want_loss = _loss(one, batch)
-        want_loss.backward()
-        torch.manual_seed(0)
-        split = SomaLM(spec_from_dict(arch))
-        parallelize(split.model, mesh, split.arch)
+        one, want_loss, split = _reference_and_parallel(_row_separable(arch), batch, mesh)
         row = batch_rank(mesh)
         loss = _loss(split, {k: v[row : row + 1] for k, v in batch.items()})
         loss.backward()

@@ -201,6 +201,19 @@ def test_expert_parallel_under_parallelize_gives_one_process_gradients(two_ranks
     assert r["bad"] == [], r
 
 
+def _reference_and_parallel(arch: dict, batch: dict[str, torch.Tensor], mesh, **options) -> tuple[SomaLM, torch.Tensor, SomaLM]:
+    """One process's model after the backward of its loss on the whole batch, that loss, and a model with the
+    same initial weights that `parallelize` spreads over `mesh` (`options`: its keyword arguments)."""
+    torch.manual_seed(0)
+    one = SomaLM(spec_from_dict(arch))
+    want = _loss(one, batch)
+    want.backward()
+    torch.manual_seed(0)
+    split = SomaLM(spec_from_dict(arch))
+    parallelize(split.model, mesh, split.arch, **options)
+    return one, want, split
+
+
 COMPILE_SPECS = ["v1", "specs/gpt5_moe_tiny.yaml"]
 
 
@@ -217,13 +230,7 @@ def _compile_worker(rank: int, init_file: str, out: str) -> None:
         # that another model's compiled graph already saw ("device_mesh._get_submesh is not an OpOverload").
         mesh = build_mesh(ParallelDims(dp_shard=1, tp=2), "cpu")
         arch, batch = _arch_and_batch(spec)
-        torch.manual_seed(0)
-        one = SomaLM(spec_from_dict(arch))
-        want = _loss(one, batch)
-        want.backward()
-        torch.manual_seed(0)
-        tp = SomaLM(spec_from_dict(arch))
-        parallelize(tp.model, mesh, tp.arch, compile=True)
+        one, want, tp = _reference_and_parallel(arch, batch, mesh, compile=True)
         counters.clear()
         with torch.no_grad():
             _loss(tp, {k: v[:, :16] for k, v in batch.items()})
@@ -253,14 +260,7 @@ def _dp_ep_worker(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
     mesh = build_mesh(ParallelDims(dp_shard=2, ep=2), "cpu")
     arch, batch = _arch_and_batch("specs/gpt5_moe_tiny.yaml", rows=4)
-    arch = _row_separable(arch)
-    torch.manual_seed(0)
-    one = SomaLM(spec_from_dict(arch))
-    want = _loss(one, batch)
-    want.backward()
-    torch.manual_seed(0)
-    ep = SomaLM(spec_from_dict(arch))
-    parallelize(ep.model, mesh, ep.arch)
+    one, want, ep = _reference_and_parallel(_row_separable(arch), batch, mesh)
     row = batch_rank(mesh)
     loss = _loss(ep, {k: v[row : row + 1] for k, v in batch.items()})
     loss.backward()
