@@ -42,6 +42,7 @@ from soma_lightning.lm import SomaLM
 from soma_lightning.measure import count_parameters, train_flops_per_token
 from soma_lightning.nn.ops.attention.backends import SDPA_PRIORITY
 from soma_lightning.nn.sigreg import SIGRegConfig, sigreg_statistic
+from soma_lightning.spec import ModelSpec
 
 from timing import PROFILED_STEPS, kernel_profile
 
@@ -191,6 +192,15 @@ def summarize(name: str, times: list[float], tokens_per_step: int, flops: dict[s
     return row
 
 
+def spec_and_data(config: str, batch_size: int, seq_len: int, dropout: float) -> tuple[ModelSpec, ByteCorpus]:
+    """A spec file's model at `seq_len` with `dropout`, and tiny-Shakespeare windows with the document ids and
+    structure its data section asks for."""
+    spec = replace(load_spec(config), dropout=dropout, max_seq_len=seq_len)
+    annotations = (yaml.safe_load(open(config)).get("data") or {}).get("init_args") or {}
+    data = ByteCorpus(seq_len=seq_len, batch_size=batch_size, doc_ids=annotations.get("doc_ids", False), structure=annotations.get("structure", False))
+    return spec, data
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="specs/soma_v1.yaml")
@@ -207,9 +217,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    spec = replace(load_spec(args.config), dropout=args.dropout, max_seq_len=args.seq_len)
-    annotations = (yaml.safe_load(open(args.config)).get("data") or {}).get("init_args") or {}
-    data = ByteCorpus(seq_len=args.seq_len, batch_size=args.batch_size, doc_ids=annotations.get("doc_ids", False), structure=annotations.get("structure", False))
+    spec, data = spec_and_data(args.config, args.batch_size, args.seq_len, args.dropout)
     data.setup("fit")
     tokens_per_step = args.batch_size * args.seq_len
     peak = device_peak_flops(torch.device("cuda"))

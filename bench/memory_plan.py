@@ -13,17 +13,17 @@ it is meant to be an upper bound.
 import argparse
 import gc
 import json
-from dataclasses import replace
 
 import lightning as L
 import torch
-import yaml
 
-from soma_lightning import load_spec
 from soma_lightning.data_modules import ByteCorpus
 from soma_lightning.lm import SomaLM
 from soma_lightning.parallel.memory_plan import memory_plan
 from soma_lightning.parallel.mesh import ParallelDims
+from soma_lightning.spec import ModelSpec
+
+from compare import spec_and_data
 
 ROWS = [  # spec, batch size, sequence length, activation checkpointing
     ("specs/soma_v1.yaml", 8, 1024, False),
@@ -36,10 +36,7 @@ ROWS = [  # spec, batch size, sequence length, activation checkpointing
 GIB = 2**30
 
 
-def measured_peak(config: str, batch_size: int, seq_len: int, activation_checkpointing: bool, steps: int) -> float:
-    spec = replace(load_spec(config), dropout=0.0, max_seq_len=seq_len)
-    annotations = (yaml.safe_load(open(config)).get("data") or {}).get("init_args") or {}
-    data = ByteCorpus(seq_len=seq_len, batch_size=batch_size, doc_ids=annotations.get("doc_ids", False), structure=annotations.get("structure", False))
+def measured_peak(spec: ModelSpec, data: ByteCorpus, activation_checkpointing: bool, steps: int) -> float:
     trainer = L.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -66,10 +63,10 @@ def main() -> None:
     results = []
     print(f"{'spec':26} {'batch x seq':>12} {'ckpt':>5} {'weights+grads+adam':>19} {'activations':>12} {'copies':>7} {'planned':>8} {'measured':>9} {'meas/plan':>10}  (GiB)")
     for config, batch_size, seq_len, checkpointing in rows:
-        spec = replace(load_spec(config), dropout=0.0, max_seq_len=seq_len)
+        spec, data = spec_and_data(config, batch_size, seq_len, dropout=0.0)
         plan = memory_plan(spec, ParallelDims(dp_shard=1), batch_size, seq_len, "bf16-mixed", checkpointing, "cuda")["bytes"]
         try:
-            peak = measured_peak(config, batch_size, seq_len, checkpointing, args.steps)
+            peak = measured_peak(spec, data, checkpointing, args.steps)
         except torch.OutOfMemoryError:
             peak = float("nan")
             torch.cuda.empty_cache()
