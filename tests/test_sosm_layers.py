@@ -57,6 +57,26 @@ def test_gather_and_flex_equal_the_dense_reference(b, t, heads):
         torch.testing.assert_close(attn(x, graph_ctx(graph)), outputs["reference"], rtol=1e-5, atol=1e-5)
 
 
+def test_slot_gather_equals_torch_gather_with_repeated_rows_values_and_gradients():
+    """The opaque op graph attention gathers keys and values with: PyTorch's gather and its backward, eagerly, as
+    torch.library's checks of a custom op (fake tensors, autograd registration) and under torch.compile."""
+    from soma_lightning.nn.ops.slot_gather import slot_gather
+
+    torch.manual_seed(0)
+    b, h, s, d, n = 2, 3, 17, 5, 40  # n > s: rows repeat, so the backward sums
+    index = torch.randint(0, s, (b, 1, n, 1))
+    x = torch.randn(b, h, s, d).transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # strided, as k is
+    upstream = torch.randn(b, h, n, d)
+    want = x.gather(2, index.expand(b, h, n, d))
+    (want_grad,) = torch.autograd.grad(want, x, upstream)
+    for gather in (slot_gather, torch.compile(slot_gather, backend="aot_eager", fullgraph=True)):
+        got = gather(x, index)
+        (got_grad,) = torch.autograd.grad(got, x, upstream)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(slot_gather, (x, index))
+
+
 @pytest.mark.parametrize("impl", ["gather", "reference"])
 def test_causal_given_a_causal_graph(impl):
     attn, graph = attention(impl=impl), random_graph(2, 50)

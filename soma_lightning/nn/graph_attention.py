@@ -24,6 +24,7 @@ from soma_lightning.nn.graph_distance import graph_depth, landmark_distance, lan
 from soma_lightning.nn.ops.attention.differential import rope_halves
 from soma_lightning.nn.ops.attention.flex import flex
 from soma_lightning.nn.ops.attention.reference import masked_attention_reference
+from soma_lightning.nn.ops.slot_gather import slot_gather
 from soma_lightning.nn.protocols import ComponentArgumentError, check_positive, linear_flops
 from soma_lightning.nn.rope import apply_rope, interleaved_rope_tables, rope_tables
 from soma_lightning.nn.semantic_graph import EDGE_TYPES, AttentionGraph, SemanticGraph, attention_graph
@@ -46,8 +47,8 @@ def gather_attention(
     b, h, _, hd = k.shape
     t, e = neighbors.shape[1:]
     index = neighbors.clamp(min=0).view(b, 1, t * e, 1)
-    k_slots = k.gather(2, index.expand(b, h, t * e, hd)).view(b, h, t, e, hd)
-    v_slots = v.gather(2, index.expand(b, h, t * e, v.shape[-1])).view(b, h, t, e, v.shape[-1])
+    k_slots = slot_gather(k, index).view(b, h, t, e, hd)
+    v_slots = slot_gather(v, index).view(b, h, t, e, v.shape[-1])
     scores = torch.einsum("bhtd,bhted->bhte", q, k_slots).float() / math.sqrt(hd) + bias.float()
     scores = scores.masked_fill(neighbors[:, None] < 0, float("-inf"))
     probs = scores.softmax(dim=-1)

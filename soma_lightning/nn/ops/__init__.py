@@ -8,5 +8,6 @@ reference next to it, and the tests hold the fast forms to it.
     attention/structure_bias.py  the learned tree-distance bias, dense and as a FlexAttention score_mod
     attention/structure_grad.py  the bias table's gradient as one Triton kernel
     attention/backends.py        reference, SDPA, Flex and auto: GroupedQueryAttention's ways to attend
+    slot_gather.py               rows gathered by index, opaque to torch.compile (graph attention's slots)
     delta_rule/                  the gated delta rule: naive recurrence, chunked PyTorch, fla dispatch
 """
