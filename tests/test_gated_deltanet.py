@@ -143,6 +143,23 @@ def test_auto_trains_in_pytorch_where_fla_backward_is_blocked(monkeypatch):
     assert not delta_rule._use_fla_delta_rule("auto", on_cpu)
 
 
+def test_compiled_code_takes_the_fla_checks_as_constants_without_tracing_them():
+    """Compiled blocks ask which delta rule form to run on every compile; dynamo must read the cached answer
+    as a constant, not trace into the cache (it warns of "potential silent incorrectness" when it does)."""
+    import warnings
+
+    from soma_lightning.nn.ops.delta_rule import _fla_importable
+
+    def step(x):
+        return x + 1 if _fla_importable() else x - 1
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2))
+    torch.testing.assert_close(got, step(torch.zeros(2)))
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

@@ -20,7 +20,8 @@ default). Per batch row and value head, a state S [K, V] starts at zero and for 
 import functools
 import importlib.util
 import warnings
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,10 +31,24 @@ from soma_lightning.nn.ops.delta_rule.conv import short_conv_torch
 from soma_lightning.nn.ops.delta_rule.fla import fla_gated_delta_rule, fla_short_conv, sequence_bounds
 from soma_lightning.nn.ops.delta_rule.naive import gated_delta_rule_recurrent
 
+T = TypeVar("T")
+
 __all__ = ["CHUNK_SIZE", "fla_backward_blocked", "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "sequence_bounds", "short_conv"]
 
 
-@functools.cache
+def _cached_constant(fn: Callable[[], T]) -> Callable[[], T]:
+    """fn computed once; torch.compile takes its value as a constant instead of tracing it (dynamo traces
+    through a functools.cache wrapper with a warning on every compile)."""
+    cached = functools.cache(fn)
+
+    @functools.wraps(fn)
+    def value() -> T:
+        return cached()
+
+    return torch.compiler.assume_constant_result(value)
+
+
+@_cached_constant
 def _fla_importable() -> bool:
     try:
         import fla.modules.causal_conv1d  # noqa: F401
@@ -43,7 +58,7 @@ def _fla_importable() -> bool:
     return True
 
 
-@functools.cache
+@_cached_constant
 def fla_backward_blocked() -> str | None:
     """Why fla's gated delta rule backward refuses to run here, or None. fla 0.6 raises a RuntimeError in
     that backward on Hopper with Triton 3.4 to 3.7.0 (wrong gradients, its issue #640) unless tilelang is
