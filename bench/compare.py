@@ -62,17 +62,22 @@ class StepTimer(L.Callback):
             self.losses.append(outputs["loss"].item())
 
 
+def one_gpu_trainer(steps: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """A Trainer for `steps` bf16-mixed training steps on one GPU, without validation, logger, checkpoints,
+    progress bar or model summary."""
+    return L.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+
+
 def lightning_run(
     spec, data: ByteCorpus, steps: int, compile: bool, profile: bool = False, float8: bool = False, losses: list[float] | None = None
 ) -> Run:
     """The Trainer path (not profiled: the plain loop runs the same module); `float8` as `--model.float8 true`;
     each step's loss appended to `losses` when given."""
     timer = StepTimer(losses)
-    trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-    )
-    trainer.fit(SomaLM(spec, compile=compile, float8=float8), datamodule=data)
+    one_gpu_trainer(steps, [timer]).fit(SomaLM(spec, compile=compile, float8=float8), datamodule=data)
     return timer.times, None
 
 

@@ -14,7 +14,6 @@ import argparse
 import gc
 import json
 
-import lightning as L
 import torch
 
 from soma_lightning.data_modules import ByteCorpus
@@ -23,7 +22,7 @@ from soma_lightning.parallel.memory_plan import memory_plan
 from soma_lightning.parallel.mesh import ParallelDims
 from soma_lightning.spec import ModelSpec
 
-from compare import spec_and_data
+from compare import one_gpu_trainer, spec_and_data
 
 ROWS = [  # spec, batch size, sequence length, activation checkpointing
     ("specs/soma_v1.yaml", 8, 1024, False),
@@ -37,10 +36,7 @@ GIB = 2**30
 
 
 def measured_peak(spec: ModelSpec, data: ByteCorpus, activation_checkpointing: bool, steps: int) -> float:
-    trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = one_gpu_trainer(steps)
     module = SomaLM(spec, activation_checkpointing=activation_checkpointing)
     gc.collect()
     torch.cuda.empty_cache()
