@@ -56,6 +56,27 @@ def test_flex_local_global_with_documents_equals_dense_reference_values_and_grad
 
 
 @cuda
+def test_auto_attention_with_heads_under_16_dims_equals_dense_reference_values_and_gradients():
+    """FlexAttention's CUDA kernels refuse heads under 16 dims: auto takes SDPA over the dense mask for them."""
+    from soma_lightning.nn.context import SequenceContext
+    from soma_lightning.nn.gqa import GroupedQueryAttention
+
+    b, t = 2, 256
+    x = torch.randn(b, t, 32, device="cuda")
+    doc_ids = (torch.rand(b, t, device="cuda") < 0.02).long().cumsum(1)
+    positions = torch.arange(t, device="cuda").expand(b, -1)
+    results = {}
+    for impl in ("auto", "reference"):
+        torch.manual_seed(0)
+        attn = GroupedQueryAttention(32, num_heads=4, num_kv_heads=1, head_dim=8, window=50, global_stride=16, impl=impl).cuda()
+        y = attn(x, SequenceContext(positions, doc_ids))
+        y.square().mean().backward()
+        results[impl] = (y.detach(), attn.q_proj.weight.grad)
+    assert _rel(results["auto"][0], results["reference"][0]) < 1e-3
+    assert _rel(results["auto"][1], results["reference"][1]) < 1e-3
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_structural_bias_equals_dense_reference_values_and_gradients(dtype):
     """With documents. The bias table's gradient comes from ops/attention/structure_grad.py's kernel. In bf16 at head dim 64

@@ -106,12 +106,32 @@ def test_attention_dropout_applies_in_training_only(impl):
         torch.testing.assert_close(attn(x, _ctx(b, t, docs)), attn(x, _ctx(b, t, docs)))
 
 
-def test_auto_takes_flex_on_cuda_only_without_dropout():
-    """Checked on CPU with a stand-in for a CUDA tensor: training with dropout runs SDPA, which can drop."""
+def test_auto_takes_flex_on_cuda_only_without_dropout_and_with_heads_its_kernels_take():
+    """Checked on CPU with a stand-in for a CUDA tensor: training with dropout runs SDPA, which can drop, and so
+    do heads under 16 dims, which FlexAttention's CUDA kernels refuse (differential attention's maps see half
+    a head)."""
     from types import SimpleNamespace
 
-    attn = GroupedQueryAttention(24, num_heads=4, window=8, dropout=0.1)
     on_cuda, on_cpu, ctx = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False), _ctx(1, 8)
+    attn = GroupedQueryAttention(64, num_heads=4, window=8, dropout=0.1)
     assert isinstance(attn.backend.pick(on_cuda, ctx, None, 0.0), FlexBackend)
     assert isinstance(attn.backend.pick(on_cuda, ctx, None, 0.1), SDPABackend)
     assert isinstance(attn.backend.pick(on_cpu, ctx, None, 0.0), SDPABackend)
+    for head_dim, differential, picked in ((8, False, SDPABackend), (32, True, FlexBackend), (24, True, SDPABackend)):
+        attn = GroupedQueryAttention(64, num_heads=4, head_dim=head_dim, window=8, differential=differential)
+        assert isinstance(attn.backend.pick(on_cuda, ctx, None, 0.0), picked), (head_dim, differential)
+
+
+def test_flex_on_cuda_refuses_heads_under_16_dims_by_name():
+    """Checked on CPU with fake CUDA tensors. Without the check, inductor fails deep in compilation with an error
+    that names no argument a user can change."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from soma_lightning.nn.ops.attention.flex import flex
+
+    with FakeTensorMode():
+        small, large = torch.empty(2, 4, 32, 8, device="cuda"), torch.empty(2, 4, 32, 16, device="cuda")
+        with pytest.raises(ValueError, match="^impl: FlexAttention on CUDA needs head dims of at least 16, got 8 for queries and keys and 16 for values"):
+            flex(small, small, large, None)
+        with pytest.raises(ValueError, match="got 16 for queries and keys and 8 for values"):
+            flex(large, large, small, None)

@@ -31,9 +31,10 @@ class GroupedQueryAttention(nn.Module):
     only keys of its own document. `structure_buckets`: add a learned per-head bias indexed by the tree
     distance between query and key (from the batch's `structure`, see data_modules/structure.py), distances
     from structure_buckets - 1 on sharing the last bucket. `impl`: "auto" (FlexAttention on CUDA where the
-    pattern needs a mask and no dropout applies, SDPA otherwise), "sdpa", "flex" (refuses dropout > 0) or
-    "reference". `differential`: differential attention (nn/differential.py), two softmax maps per head under
-    the same pattern and bias, the second weighted by a learned lambda starting near `lambda_init`."""
+    pattern needs a mask, no dropout applies and heads have at least 16 dims, SDPA otherwise), "sdpa", "flex"
+    (refuses dropout > 0) or "reference". `differential`: differential attention (nn/differential.py), two
+    softmax maps per head under the same pattern and bias, the second weighted by a learned lambda starting near
+    `lambda_init`."""
 
     default_name = "attention"
 
@@ -59,7 +60,6 @@ class GroupedQueryAttention(nn.Module):
             raise ComponentArgumentError("global_stride", "global keys only make sense with a window")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.window, self.global_stride, self.dropout = rope_base, window, global_stride, dropout
-        self.impl = impl
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias)
@@ -69,6 +69,7 @@ class GroupedQueryAttention(nn.Module):
         self.structure_bias = nn.Parameter(torch.zeros(num_heads, structure_buckets)) if structure_buckets else None
         self.differential = Differential(head_dim, lambda_init) if differential else None
         self.rope_dim = head_dim // 2 if differential else head_dim
+        self.impl = impl
 
     @property
     def impl(self) -> str:
@@ -79,7 +80,7 @@ class GroupedQueryAttention(nn.Module):
         """Pick the backend (also after construction: bench/generate.py switches loaded models to SDPA)."""
         if impl not in BACKENDS:
             raise ComponentArgumentError("impl", f"expected one of {', '.join(BACKENDS)}, got {impl!r}")
-        backend = BACKENDS[impl](self.window, self.global_stride)
+        backend = BACKENDS[impl](self.window, self.global_stride, self.rope_dim)
         if self.dropout > 0 and not backend.supports_dropout:
             raise ComponentArgumentError(
                 "dropout", f"impl {impl!r} has no attention dropout, got {self.dropout}; use impl 'auto' or 'sdpa', or dropout 0"

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from soma_lightning.nn.context import SequenceContext
-from soma_lightning.nn.ops.attention.flex import block_mask, flex, with_global_keys
+from soma_lightning.nn.ops.attention.flex import FLEX_CUDA_MIN_HEAD_DIM, block_mask, flex, with_global_keys
 from soma_lightning.nn.ops.attention.masks import dense_mask
 from soma_lightning.nn.ops.attention.reference import masked_attention_reference
 from soma_lightning.nn.ops.attention.structure_bias import flex_with_structure_bias, structure_bias, structure_buckets
@@ -25,12 +25,13 @@ SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 
 class AttentionBackend:
-    """Called as backend(q, k, v, ctx, table, dropout_p) -> [B, H, T, D] (module docstring)."""
+    """Called as backend(q, k, v, ctx, table, dropout_p) -> [B, H, T, D] (module docstring); `head_dim` is the
+    smallest last dim of the q, k and v it is called with (half the head dim under differential attention)."""
 
     supports_dropout = True
 
-    def __init__(self, window: int | None, global_stride: int | None) -> None:
-        self.window, self.global_stride = window, global_stride
+    def __init__(self, window: int | None, global_stride: int | None, head_dim: int) -> None:
+        self.window, self.global_stride, self.head_dim = window, global_stride, head_dim
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> Tensor:
         raise NotImplementedError
@@ -100,15 +101,16 @@ class FlexBackend(AttentionBackend):
 class AutoBackend(AttentionBackend):
     """Flex on CUDA where a window, documents or the structural bias make a mask, SDPA otherwise: Flex has no
     backward on the CPU, and SDPA's causal kernels need no mask. Training with attention dropout also takes
-    SDPA, over the dense mask, since Flex cannot drop."""
+    SDPA, over the dense mask, since Flex cannot drop, and so do heads too small for Flex's CUDA kernels."""
 
-    def __init__(self, window: int | None, global_stride: int | None) -> None:
-        super().__init__(window, global_stride)
-        self.sdpa, self.flex = SDPABackend(window, global_stride), FlexBackend(window, global_stride)
+    def __init__(self, window: int | None, global_stride: int | None, head_dim: int) -> None:
+        super().__init__(window, global_stride, head_dim)
+        self.sdpa, self.flex = SDPABackend(window, global_stride, head_dim), FlexBackend(window, global_stride, head_dim)
 
     def pick(self, q: Tensor, ctx: SequenceContext, table: Tensor | None, dropout_p: float) -> AttentionBackend:
         """The backend for queries `q` (any tensor on their device)."""
-        return self.flex if q.is_cuda and not self.plain_causal(ctx, table) and not dropout_p else self.sdpa
+        flex_runs = q.is_cuda and self.head_dim >= FLEX_CUDA_MIN_HEAD_DIM
+        return self.flex if flex_runs and not self.plain_causal(ctx, table) and not dropout_p else self.sdpa
 
     def __call__(self, q, k, v, ctx, table, dropout_p):
         return self.pick(q, ctx, table, dropout_p)(q, k, v, ctx, table, dropout_p)

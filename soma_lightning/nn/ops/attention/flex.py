@@ -15,6 +15,10 @@ from soma_lightning.nn.ops.attention.masks import attention_pattern, beyond_wind
 
 FLEX_BLOCK = 128  # FlexAttention's default block size
 
+# FlexAttention's CUDA kernels need head dims of at least this (their Triton tiles' dot products); the CPU path
+# takes any.
+FLEX_CUDA_MIN_HEAD_DIM = 16
+
 # Backward tiles for bf16 at head dim 64 on Hopper, where they beat inductor's defaults (`python bench/moe.py
 # --parts attention_op` compares the two).
 HOPPER_HEAD_DIM_64_TILES = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}
@@ -77,6 +81,11 @@ def flex(q: Tensor, k: Tensor, v: Tensor, mask, score_mod=None, kernel_options: 
     traces breaks the graph). `kernel_options` None takes `default_kernel_options`. With `return_lse`,
     (output, natural-log logsumexp [B, H, T])."""
     global _compiled_flex
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) < FLEX_CUDA_MIN_HEAD_DIM:
+        raise ValueError(
+            f"impl: FlexAttention on CUDA needs head dims of at least {FLEX_CUDA_MIN_HEAD_DIM}, got {q.shape[-1]} for "
+            f"queries and keys and {v.shape[-1]} for values; use impl 'auto' or 'sdpa' (gqa), 'gather' (graph_attention)"
+        )
     run = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
